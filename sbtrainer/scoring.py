@@ -1,0 +1,147 @@
+"""Per-sample sharpness ``s(x) = ||grad_theta loss(f_theta(x), y)||^2`` (paper Sec. 4.3).
+
+The squared per-sample gradient norm approximates the trace of the empirical Fisher (Bottou et al.,
+2018). It is computed with the model in eval mode (BatchNorm on running statistics, no dropout), so
+samples are independent, over the rows the caller gives, in row order. Two implementations give the
+same numbers: chunked ``torch.func`` (``grad`` vmapped over a chunk) and a one-sample-at-a-time loop;
+``method="auto"`` uses vmap and falls back to the loop, with a logged warning, for models that
+``torch.func`` cannot transform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .modeling import LABEL_KEYS, call_member, is_hf_model, model_inputs
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode inside the block, restoring each submodule's previous mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _labels(batch: dict) -> torch.Tensor:
+    for key in LABEL_KEYS:
+        if key in batch:
+            return batch[key]
+    raise KeyError(f"batch has no labels column (one of {LABEL_KEYS}); columns: {sorted(batch)}")
+
+
+def _trainable(member: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in member.named_parameters() if p.requires_grad}
+
+
+def batch_scores_loop(
+    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = F.cross_entropy
+) -> torch.Tensor:
+    """Scores ``(B,)`` of one batch, one sample at a time with ``torch.autograd.grad``."""
+    params = [p for p in member.parameters() if p.requires_grad]
+    inputs, labels = model_inputs(batch, member, input_name), _labels(batch)
+    out = torch.empty(labels.shape[0], dtype=torch.float32)
+    for j in range(labels.shape[0]):
+        one = {k: v[j : j + 1] for k, v in inputs.items()}
+        loss = loss_fn(call_member(member, one, input_name).float(), labels[j : j + 1])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[j] = sum(g.float().pow(2).sum() for g in grads if g is not None).cpu()
+    return out
+
+
+def batch_scores_vmap(
+    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = F.cross_entropy
+) -> torch.Tensor:
+    """Scores ``(B,)`` of one batch with ``torch.func.grad`` vmapped over the samples."""
+    params = _trainable(member)
+    buffers = dict(member.named_buffers())
+    inputs, labels = model_inputs(batch, member, input_name), _labels(batch)
+    hf = is_hf_model(member)
+
+    def sample_loss(p: dict, x: dict, y: torch.Tensor) -> torch.Tensor:
+        one = {k: v.unsqueeze(0) for k, v in x.items()}
+        if hf:
+            out = functional_call(member, (p, buffers), args=(), kwargs=one)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+        else:
+            logits = functional_call(member, (p, buffers), args=(one[input_name],))
+        return loss_fn(logits.float(), y.unsqueeze(0))
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    total = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())
+    return total.detach().cpu()
+
+
+def per_sample_sharpness(
+    member: nn.Module,
+    dataset: Dataset,
+    *,
+    rows: Sequence[int] | None = None,
+    collate_fn: Callable | None = None,
+    batch_size: int = 64,
+    method: str = "auto",
+    input_name: str = "pixel_values",
+    loss_fn: LossFn = F.cross_entropy,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "sharpness",
+) -> torch.Tensor:
+    """Per-sample sharpness ``(len(rows),)`` float32 of ``member`` on ``dataset[rows]`` (all rows by default).
+
+    ``dataset`` yields dict examples with a labels column; ``collate_fn`` batches them (default
+    ``transformers.default_data_collator``). The dataset should carry no augmentation: pass the
+    eval-time view of the training set.
+    """
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"per_sample_sharpness: method must be 'auto', 'vmap' or 'loop'; got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"per_sample_sharpness: batch_size must be >= 1; got {batch_size}")
+    device = torch.device(device) if device is not None else next(member.parameters()).device
+    batches = _batches(dataset, rows, collate_fn, batch_size)
+    chunks = []
+    with eval_mode(member):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            scores, method = _score_batch(member, batch, method, input_name, loss_fn)
+            chunks.append(scores)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def _score_batch(member, batch, method, input_name, loss_fn) -> tuple[torch.Tensor, str]:
+    if method == "loop":
+        return batch_scores_loop(member, batch, input_name, loss_fn), method
+    try:
+        return batch_scores_vmap(member, batch, input_name, loss_fn), method
+    except _VMAP_ERRORS as err:
+        if method == "vmap":
+            raise
+        logger.warning("torch.func cannot score %s (%s: %s); using the per-sample loop.",
+                       type(member).__name__, type(err).__name__, err)
+        return batch_scores_loop(member, batch, input_name, loss_fn), "loop"
+
+
+def _batches(dataset: Dataset, rows: Sequence[int] | None, collate_fn: Callable | None, batch_size: int) -> Iterable:
+    if collate_fn is None:
+        from transformers import default_data_collator
+
+        collate_fn = default_data_collator
+    subset = dataset if rows is None else Subset(dataset, list(rows))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
