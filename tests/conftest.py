@@ -1,0 +1,8 @@
+"""Test session settings: no Hub calls (fail at once instead of retrying), quiet tokenizers."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
