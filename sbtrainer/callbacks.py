@@ -48,18 +48,18 @@ class SharpnessScoringCallback(TrainerCallback):
     def score_and_install(self, epoch: int) -> None:
         """Score every member, partition, install masks and scores, log statistics."""
         trainer, args = self.trainer, self.trainer.args
-        scores = self.score_members()
+        scores = self.score_members(epoch)
         masks = partition(scores, args.sam_fraction, args.selection, args.residual)
         trainer.install_scores(scores, masks, epoch)
         trainer.log(scoring_statistics(scores, masks, args.sam_fraction, args.selection))
         logger.info("Scored %d members on %d rows at epoch %d.", scores.shape[0], scores.shape[1], epoch)
 
-    def score_members(self) -> torch.Tensor:
+    def score_members(self, epoch: int) -> torch.Tensor:
         """Scores ``(m, N)`` float32 on CPU, this process scoring rows ``[r N / W, (r + 1) N / W)``."""
         trainer = self.trainer
         acc, args = trainer.accelerator, trainer.args
         ensemble = trainer.ensemble
-        dataset, collate_fn = trainer.scoring_data()
+        dataset, collate_fn = trainer.scoring_data(epoch)
         n, world, rank = len(dataset), acc.num_processes, acc.process_index
         lo, hi = rank * n // world, (rank + 1) * n // world
         scores = torch.zeros(ensemble.num_members, n, device=acc.device)

@@ -136,3 +136,23 @@ class MemberStreamDataset(Dataset):
     def __getitems__(self, keys: list[SampleKey]) -> list[dict]:
         with _GlobalRngGuard():
             return [self._fetch(k) for k in keys]
+
+
+class SeededRowsDataset(Dataset):
+    """``dataset[row]`` fetched under the seed ``mix(seed, row)``: any random transform becomes a fixed one.
+
+    Used to score a training set that carries augmentation when no eval view was given, so scores
+    (and a resumed run) stay reproducible.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: int) -> dict:
+        with _GlobalRngGuard():
+            _seed_globals(mix_seed(self.seed, row, TAG_AUGMENT))
+            return self.dataset[row]

@@ -33,7 +33,7 @@ from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
 from .modeling import INDEX_KEYS, LABEL_KEYS
 from .sam import frozen_norm_stats, perturbed, sam_epsilon, stash_grads, unstash_grads
-from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, mix_seed
+from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, SeededRowsDataset, mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,16 @@ class SharpBalanceTrainer(Trainer):
         self.last_scored_epoch = epoch
         self.scoring_history.append({"epoch": epoch, "global_step": self.state.global_step})
 
-    def scoring_data(self) -> tuple:
-        """The dataset and collator per-sample scoring iterates (eval view, unused columns removed)."""
-        dataset = self.score_dataset if self.score_dataset is not None else self.train_dataset
-        return self._with_model_columns(dataset, "scoring")
+    def scoring_data(self, epoch: int) -> tuple:
+        """The dataset and collator per-sample scoring iterates at ``epoch`` (unused columns removed).
+
+        ``score_dataset`` (the eval view) when given; otherwise the training set with any random
+        transform fixed by the seed ``(seed, epoch, row)``, so scores are reproducible.
+        """
+        if self.score_dataset is not None:
+            return self._with_model_columns(self.score_dataset, "scoring")
+        dataset, collate_fn = self._with_model_columns(self.train_dataset, "scoring")
+        return SeededRowsDataset(dataset, mix_seed(self.args.seed, epoch)), collate_fn
 
     # -- data ---------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
