@@ -136,3 +136,24 @@ class EnsembleModel(nn.Module):
         return EnsembleOutput(
             loss=loss, logits=reduce_member_logits(member_logits, self.reduction), member_logits=member_logits
         )
+
+    # -- persistence (implemented in sbtrainer.hub) -------------------------------------------------
+    def save_pretrained(self, save_directory: str, **kwargs) -> str:
+        """Save the ensemble as one folder (config, model card, ``member_<i>/``); see `sbtrainer.hub.save_ensemble`."""
+        from .hub import save_ensemble
+
+        return save_ensemble(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, factory: Callable[[int], nn.Module] | None = None,
+                        **kwargs) -> EnsembleModel:
+        """Load a saved ensemble from a folder or a Hub repo; see `sbtrainer.hub.load_ensemble`."""
+        from .hub import load_ensemble
+
+        return load_ensemble(path_or_repo_id, factory=factory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Save to a temporary folder and upload it as one commit; see `sbtrainer.hub.push_ensemble_to_hub`."""
+        from .hub import push_ensemble_to_hub
+
+        return push_ensemble_to_hub(self, repo_id, **kwargs)
