@@ -59,7 +59,10 @@ class MemberBatchSampler:
         if num_rows < 1 or batch_size < 1:
             raise ValueError(f"MemberBatchSampler needs num_rows >= 1 and batch_size >= 1; got {num_rows}, {batch_size}")
         self.num_rows = num_rows
-        self.batch_size = batch_size
+        self.member_batch_size = batch_size
+        # Each yielded list holds m * B keys (fewer at the end): to accelerate's BatchSamplerShard this is a
+        # sampler of variable-length batches, so it shards whole steps and never splits or refills one.
+        self.batch_size = None
         self.member_seeds = list(member_seeds)
         self.drop_last = drop_last
         self.epoch = 0
@@ -69,19 +72,19 @@ class MemberBatchSampler:
 
     def __len__(self) -> int:
         if self.drop_last:
-            return self.num_rows // self.batch_size
-        return -(-self.num_rows // self.batch_size)
+            return self.num_rows // self.member_batch_size
+        return -(-self.num_rows // self.member_batch_size)
 
     def member_rows(self, member: int, epoch: int, step: int) -> torch.Tensor:
         """Rows ``(B,)`` that ``member`` trains on at ``step`` of ``epoch``."""
         perm = member_permutation(self.num_rows, self.member_seeds[member], epoch)
-        return perm[step * self.batch_size : (step + 1) * self.batch_size]
+        return perm[step * self.member_batch_size : (step + 1) * self.member_batch_size]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         epoch = self.epoch
         perms = [member_permutation(self.num_rows, s, epoch).tolist() for s in self.member_seeds]
         for step in range(len(self)):
-            lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+            lo, hi = step * self.member_batch_size, (step + 1) * self.member_batch_size
             yield [(m, epoch, row) for m, perm in enumerate(perms) for row in perm[lo:hi]]
 
 
