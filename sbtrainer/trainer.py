@@ -203,7 +203,7 @@ class SharpBalanceTrainer(Trainer):
         total = torch.zeros((), device=self.args.device)
         for i in range(ensemble.num_members):
             rows = torch.nonzero(member_index == i).squeeze(1)
-            batch = _take(inputs, rows.to(self.args.device), len(member_index))
+            batch = _take(inputs, rows, len(member_index), self.args.device)
             sam_mask = self._sam_mask(i, sample_index[rows])
             with self._member_rng(i, micro):
                 loss = self._member_step(i, batch, sam_mask, scale)
@@ -224,9 +224,9 @@ class SharpBalanceTrainer(Trainer):
             self._backward(loss * scale)
             self._step_log.add(i, loss, n_s / n_b, None)
             return loss
-        s_rows = torch.nonzero(sam_mask).squeeze(1).to(self.args.device)
-        n_rows = torch.nonzero(~sam_mask).squeeze(1).to(self.args.device)
-        s_batch = batch if n_s == n_b else _take(batch, s_rows, n_b)
+        s_rows = torch.nonzero(sam_mask).squeeze(1)
+        n_rows = torch.nonzero(~sam_mask).squeeze(1)
+        s_batch = batch if n_s == n_b else _take(batch, s_rows, n_b, self.args.device)
         params = [p for p in member.parameters() if p.requires_grad]
         stash = stash_grads(params)
         loss_s = self._loss(i, s_batch, n_s)  # ascent at θ (updates BatchNorm running stats)
@@ -239,7 +239,7 @@ class SharpBalanceTrainer(Trainer):
             self._backward(self._loss(i, s_batch, n_s) * (n_s / n_b * scale))
         loss = loss_s.detach() * (n_s / n_b)
         if n_s < n_b:
-            loss_n = self._loss(i, _take(batch, n_rows, n_b), n_b - n_s)
+            loss_n = self._loss(i, _take(batch, n_rows, n_b, self.args.device), n_b - n_s)
             self._backward(loss_n * ((n_b - n_s) / n_b * scale))
             loss = loss + loss_n.detach() * ((n_b - n_s) / n_b)
         unstash_grads(params, stash)
@@ -300,6 +300,21 @@ class SharpBalanceTrainer(Trainer):
             logs.update(self._step_log.drain())
         super().log(logs, start_time)
 
+    # -- saving and the Hub --------------------------------------------------------------------------
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs) -> str:
+        """Upload the ensemble (config, model card with the latest eval metrics, members) as one Hub repo.
+
+        The repo is ``args.hub_model_id`` or the name of ``args.output_dir``; see `EnsembleModel.push_to_hub`.
+        """
+        if revision is not None:
+            raise ValueError(f"push_to_hub: revision is not supported for ensembles; got {revision!r}")
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        metrics = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
+        return self.ensemble.push_to_hub(
+            repo_id, config=self.args, metrics=metrics or None, token=token or self.args.hub_token,
+            private=self.args.hub_private_repo, commit_message=commit_message or "Upload ensemble", **kwargs)
+
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -355,10 +370,20 @@ def _default_compute_metrics(args: SharpBalanceConfig):
     return make_compute_metrics(reduction=args.ensemble_reduction)
 
 
-def _take(batch: dict, rows: torch.Tensor, total: int) -> dict:
-    """Rows of every per-sample tensor (first dim == total) of ``batch``; other values are kept as they are."""
-    return {k: v.index_select(0, rows) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total else v
-            for k, v in batch.items()}
+def _take(batch: dict, rows: torch.Tensor, total: int, device: torch.device) -> dict:
+    """Rows ``rows`` (CPU int64) of every per-sample tensor (first dim == total) of ``batch``; other values as they are.
+
+    A contiguous run of rows is a slice (a view, no copy); other rows are gathered on ``device``.
+    """
+    contiguous = rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+    index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows.to(device, non_blocking=True)
+
+    def pick(v):
+        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total):
+            return v
+        return v[index] if contiguous else v.index_select(0, index)
+
+    return {k: pick(v) for k, v in batch.items()}
 
 
 @contextlib.contextmanager

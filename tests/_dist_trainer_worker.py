@@ -6,9 +6,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import make_args, make_trainer, mlp, vector_data  # noqa: E402
-
-from test_distributed import RUN  # noqa: E402
+from helpers import make_args, make_trainer, mlp, vector_data
+from test_distributed import RUN
 
 
 def main(out_dir: str, result_path: str) -> None:

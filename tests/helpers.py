@@ -7,11 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+import torch
+from torch import nn
+from torch.utils.data import Dataset
 
-from sbtrainer import EnsembleModel, SharpBalanceConfig, SharpBalanceTrainer  # noqa: E402
+from sbtrainer import EnsembleModel, SharpBalanceConfig, SharpBalanceTrainer
 
 
 class DictDataset(Dataset):
@@ -32,7 +32,7 @@ class DictDataset(Dataset):
 
 def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Random crop with zero padding and a random horizontal flip of a (C, H, W) image (torch global RNG)."""
-    c, h, w = x.shape
+    _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
     out = padded[:, top : top + h, left : left + w]
