@@ -203,6 +203,8 @@ class SharpBalanceTrainer(Trainer):
         total = torch.zeros((), device=self.args.device)
         for i in range(ensemble.num_members):
             rows = torch.nonzero(member_index == i).squeeze(1)
+            if rows.numel() == 0:  # cannot happen with our sampler; a custom one may leave a member out
+                continue
             batch = _take(inputs, rows, len(member_index), self.args.device)
             sam_mask = self._sam_mask(i, sample_index[rows])
             with self._member_rng(i, micro):
