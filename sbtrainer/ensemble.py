@@ -81,7 +81,6 @@ class EnsembleModel(nn.Module):
         self.reduction = reduction
         self.input_name = input_name
         self.seeds = list(seeds) if seeds is not None else None
-        self.factory_info: dict | None = None
 
     @classmethod
     def from_factory(

@@ -1,0 +1,212 @@
+"""Fine-tune three ALBERT-base members on GLUE MRPC: deep ensemble, SAM or SharpBalance (paper App. F.2, Table 5).
+
+    python recipes/albert_mrpc.py recipes/configs/albert_mrpc_sharpbalance.yaml
+    accelerate launch recipes/albert_mrpc.py recipes/configs/albert_mrpc_sam.yaml
+    python recipes/albert_mrpc.py recipes/configs/albert_mrpc_sharpbalance.yaml --dataset_name ../shared/data/glue-mrpc/mrpc
+    python recipes/albert_mrpc.py --tiny true ...      # tiny random ALBERT + a word-level tokenizer built offline
+
+Any ``--model_name_or_path`` with a sequence-classification head works (e.g. a local BERT folder).
+Each member loads the same pretrained encoder with its own random classifier head, data order and
+dropout. Accuracy and F1 of the ensemble on the validation set come from ``evaluate.load("glue",
+"mrpc")`` when the Hub is reachable, otherwise from the same formulas in scikit-learn (the log and
+``results["glue_metric_source"]`` say which); the ensemble metrics of `sbtrainer.metrics` come beside them.
+The paper says the setup follows App. D.3 but gives no fine-tuning values for ALBERT; the optimiser
+and schedule in the YAML are the usual ALBERT/GLUE ones and ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+from recipe_utils import (
+    CommonArgs,
+    headline,
+    member_sharpness,
+    parse_args,
+    save_ensemble,
+    scoring_summary,
+    setup_logging,
+    write_report,
+)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+from sbtrainer import EnsembleModel, SharpBalanceTrainer
+from sbtrainer.ensemble import reduce_member_logits
+from sbtrainer.metrics import make_compute_metrics
+
+logger = logging.getLogger("sbtrainer.recipes.albert_mrpc")
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass
+class MrpcArgs(CommonArgs):
+    model_name_or_path: str = field(default="albert/albert-base-v2", metadata={
+        "help": "Hub id or local folder of a model with a sequence-classification head (paper: ALBERT-base)."})
+    dataset_name: str = field(default="nyu-mll/glue", metadata={
+        "help": "Hub id (nyu-mll/glue) or a local folder laid out like its 'mrpc' configuration."})
+    dataset_config_name: str | None = field(default="mrpc", metadata={"help": "Configuration (ignored for a folder)."})
+    max_seq_length: int = field(default=128, metadata={"help": "Pairs are truncated and padded to this length."})
+    tiny: bool = field(default=False, metadata={
+        "help": "Tests/offline: a tiny random ALBERT and a word-level tokenizer built from the training text."})
+    model_config_overrides: str | None = field(default=None, metadata={
+        "help": "'k=v,k=v' applied to the model config (e.g. 'hidden_dropout_prob=0.0' or, with --tiny, sizes)."})
+
+
+# ----------------------------------------------------------------------------- data, tokenizer, model
+
+
+def load_mrpc(args: MrpcArgs) -> datasets.DatasetDict:
+    """MRPC train and validation splits (columns sentence1, sentence2, label)."""
+    config_name = None if os.path.isdir(args.dataset_name) else args.dataset_config_name
+    raw = datasets.load_dataset(args.dataset_name, config_name)
+    train, valid = raw["train"], raw["validation"]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        valid = valid.select(range(min(args.max_eval_samples, len(valid))))
+    return datasets.DatasetDict(train=train, validation=valid)
+
+
+def tiny_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A lower-cased word-level ``PreTrainedTokenizerFast`` with BERT-style pair templates, built offline from ``texts``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def tiny_albert_config(vocab_size: int, max_len: int, pad_id: int):
+    from transformers import AlbertConfig
+
+    return AlbertConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=max_len, num_labels=2,
+                        pad_token_id=pad_id)
+
+
+def tokenizer_and_factory(args: MrpcArgs, train: datasets.Dataset):
+    """The tokenizer and a member factory ``seed -> model`` (pretrained encoder + fresh head, or tiny random)."""
+    if args.tiny:
+        tokenizer = tiny_tokenizer(list(train["sentence1"]) + list(train["sentence2"]))
+        config = tiny_albert_config(len(tokenizer), args.max_seq_length, tokenizer.pad_token_id)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=2)
+    if args.model_config_overrides:
+        config.update_from_string(args.model_config_overrides)
+    if args.tiny:
+        from transformers import AlbertForSequenceClassification
+
+        return tokenizer, lambda _seed: AlbertForSequenceClassification(config)
+    return tokenizer, lambda _seed: AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path,
+                                                                                       config=config)
+
+
+def tokenize(raw: datasets.DatasetDict, tokenizer, max_len: int) -> datasets.DatasetDict:
+    """Sentence pairs -> input_ids, attention_mask, token_type_ids (padded to ``max_len``) and labels."""
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_len,
+                        padding="max_length")
+        return {**enc, "labels": batch["label"]}
+
+    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def glue_metric() -> tuple[Any, str]:
+    """``(compute(predictions, references) -> {"accuracy", "f1"}, source)``: GLUE's metric, or sklearn offline."""
+    try:
+        import evaluate
+
+        metric = evaluate.load("glue", "mrpc")
+        return metric.compute, "evaluate"
+    except Exception as err:  # offline or Hub unreachable: evaluate cannot fetch the metric script
+        logger.warning("evaluate.load('glue', 'mrpc') failed (%s: %s); computing accuracy and F1 with scikit-learn",
+                       type(err).__name__, str(err).splitlines()[0][:120])
+    from sklearn.metrics import accuracy_score, f1_score
+
+    def compute(predictions, references) -> dict[str, float]:
+        return {"accuracy": float(accuracy_score(references, predictions)),
+                "f1": float(f1_score(references, predictions))}
+
+    return compute, "sklearn"
+
+
+def compute_metrics_with_glue(reduction: str, glue_compute):
+    """sbtrainer's ensemble metrics plus ``glue_accuracy``/``glue_f1`` of the ensemble and ``glue_member_f1``."""
+    base = make_compute_metrics(reduction=reduction)
+
+    def compute(eval_pred) -> dict[str, float]:
+        out = base(eval_pred)
+        preds = eval_pred.predictions
+        member_logits = next(p for p in preds if np.ndim(p) == 3) if isinstance(preds, (tuple, list)) else preds
+        import torch
+
+        logits = reduce_member_logits(torch.as_tensor(member_logits), reduction)
+        labels = np.asarray(eval_pred.label_ids)
+        glue = glue_compute(predictions=logits.argmax(-1).numpy(), references=labels)
+        out.update({f"glue_{k}": float(v) for k, v in glue.items()})
+        member_f1 = [glue_compute(predictions=member_logits[:, i].argmax(-1), references=labels)["f1"]
+                     for i in range(member_logits.shape[1])]
+        out["glue_member_f1"] = float(np.mean(member_f1))
+        return out
+
+    return compute
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def main() -> dict[str, Any]:
+    args, config = parse_args(MrpcArgs)
+    setup_logging(config)
+    set_seed(config.seed)
+
+    raw = load_mrpc(args)
+    tokenizer, factory = tokenizer_and_factory(args, raw["train"])
+    data = tokenize(raw, tokenizer, args.max_seq_length)
+
+    ensemble = EnsembleModel.from_factory(factory, config.num_members, config.member_seeds,
+                                          reduction=config.ensemble_reduction, input_name="input_ids")
+    glue_compute, source = glue_metric()
+    logger.info("MRPC accuracy/F1 computed with %s", "evaluate.load('glue', 'mrpc')" if source == "evaluate" else "sklearn")
+    trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=data["train"],
+                                  eval_dataset=data["validation"],
+                                  compute_metrics=compute_metrics_with_glue(config.ensemble_reduction, glue_compute))
+    results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
+                               "model": "tiny-albert" if args.tiny else args.model_name_or_path,
+                               "glue_metric_source": source}
+    results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
+    results.update(scoring_summary(trainer))
+    results.update(trainer.evaluate())
+
+    if trainer.is_world_process_zero():
+        results.update(member_sharpness(trainer.ensemble, data["train"], args, seed=config.seed))
+        write_report(results, config.output_dir, config.ensemble_method)
+        metrics = {**headline(results, ["eval"]), "eval_glue_accuracy": results["eval_glue_accuracy"],
+                   "eval_glue_f1": results["eval_glue_f1"]}
+        base = None if args.tiny else args.model_name_or_path
+        save_ensemble(trainer.ensemble, args, config, metrics, base_model=base, processor=tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    main()
