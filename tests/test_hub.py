@@ -242,6 +242,23 @@ def test_push_to_hub_uploads_the_saved_folder_in_one_commit(tmp_path, fake_hub):
         assert torch.equal(loaded(**batch).member_logits, ens(**batch).member_logits)
 
 
+def test_trainer_push_to_hub_uploads_the_ensemble_format(tmp_path, fake_hub):
+    """trainer.push_to_hub() pushes the ensemble repo (not the stock Trainer's single-model layout)."""
+    from helpers import image_data, make_trainer, small_cnn
+
+    data = image_data(n=8)
+    args = make_args(tmp_path, ensemble_method="sam", num_members=2, max_steps=1, hub_model_id="me/trained")
+    trainer = make_trainer(args, small_cnn, data, eval_dataset=data)
+    trainer.train()
+    accuracy = trainer.evaluate()["eval_ensemble_accuracy"]
+    trainer.push_to_hub()
+    (upload,) = fake_hub["upload"]
+    assert upload["repo_id"] == "me/trained"
+    meta = json.loads((upload["folder"] / CONFIG_NAME).read_text())
+    assert meta["method"] == "sam" and meta["member_kinds"] == ["module", "module"]
+    assert f"| eval_ensemble_accuracy | {accuracy:.4f} |" in (upload["folder"] / "README.md").read_text()
+
+
 def test_failed_upload_raises_clearly_and_keeps_the_local_save(tmp_path, fake_hub, monkeypatch):
     ens, _ = _ensemble("module_with_recipe")
     local = Path(ens.save_pretrained(tmp_path / "local"))
