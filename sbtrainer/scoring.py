@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
+_WARNED: set[str] = set()  # model classes already reported as not vmappable
 
 
 @contextlib.contextmanager
@@ -133,8 +134,11 @@ def _score_batch(member, batch, method, input_name, loss_fn) -> tuple[torch.Tens
     except _VMAP_ERRORS as err:
         if method == "vmap":
             raise
-        logger.warning("torch.func cannot score %s (%s: %s); using the per-sample loop.",
-                       type(member).__name__, type(err).__name__, err)
+        name = type(member).__name__
+        if name not in _WARNED:
+            _WARNED.add(name)
+            logger.warning("torch.func cannot score %s (%s: %s); using the per-sample loop "
+                           "(set score_method='loop' to skip the attempt).", name, type(err).__name__, err)
         return batch_scores_loop(member, batch, input_name, loss_fn), "loop"
 
 
