@@ -59,13 +59,13 @@ def batch_scores_loop(
     """Scores ``(B,)`` of one batch, one sample at a time with ``torch.autograd.grad``."""
     params = [p for p in member.parameters() if p.requires_grad]
     inputs, labels = model_inputs(batch, member, input_name), _labels(batch)
-    out = torch.empty(labels.shape[0], dtype=torch.float32)
+    out = []
     for j in range(labels.shape[0]):
         one = {k: v[j : j + 1] for k, v in inputs.items()}
         loss = loss_fn(call_member(member, one, input_name).float(), labels[j : j + 1])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out[j] = sum(g.float().pow(2).sum() for g in grads if g is not None).cpu()
-    return out
+        out.append(sum(g.float().pow(2).sum() for g in grads if g is not None))
+    return torch.stack(out).cpu()  # one device-to-host copy per batch, not per sample
 
 
 def batch_scores_vmap(

@@ -156,9 +156,11 @@ class SharpBalanceTrainer(Trainer):
             self._signature_columns += [n for n in self.label_names if n not in self._signature_columns]
 
     def _with_model_columns(self, dataset, description: str) -> tuple:
-        import datasets as hf_datasets  # lazy: not every machine has `datasets`
-
-        if isinstance(dataset, hf_datasets.Dataset):
+        try:
+            import datasets as hf_datasets  # lazy: the lent GPU machines have no `datasets`
+        except ImportError:
+            hf_datasets = None
+        if hf_datasets is not None and isinstance(dataset, hf_datasets.Dataset):
             return self._remove_unused_columns(dataset, description=description), self.data_collator
         return dataset, self._get_collator_with_removed_columns(self.data_collator, description=description)
 
@@ -383,7 +385,7 @@ def _take(batch: dict, rows: torch.Tensor, total: int, device: torch.device) -> 
     def pick(v):
         if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total):
             return v
-        return v[index] if contiguous else v.index_select(0, index)
+        return v[index]  # a slice is a view; advanced indexing keeps channels_last (index_select does not)
 
     return {k: pick(v) for k, v in batch.items()}
 

@@ -80,3 +80,15 @@ def test_evaluate_matches_metrics_on_logits(tmp_path):
     expected = ensemble_metrics(logits, data.y, reduction="probs")
     for key, value in expected.items():
         assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_trains_and_scores_without_the_datasets_package(tmp_path, monkeypatch):
+    """The lent GPU machines have no `datasets`: a torch Dataset must train through Td without it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    args = make_args(tmp_path, ensemble_method="sharpbalance", num_members=2, num_train_epochs=2,
+                     scoring_start_epoch=1, sam_fraction=0.3)
+    trainer = make_trainer(args, small_cnn, image_data(n=12))
+    trainer.train()
+    assert trainer.scoring_history == [{"epoch": 1, "global_step": 3}]

@@ -1,0 +1,281 @@
+"""One prepared GPU check (<= 5 minutes): steps/s per method, scoring throughput, projected paper wall time.
+
+Runs the real `SharpBalanceTrainer.training_step` (every member's passes, the SAM ascent/restore) plus
+``optimizer.step()`` / ``zero_grad`` on prepared device-resident batches (CIFAR-shaped random data, no
+DataLoader, so neither ``datasets`` nor ``evaluate`` is needed: the lent GPU machines have neither), for the
+CIFAR-stem ResNet18 (width 64, 11.17M parameters), batch 128 per member, m = 3, bf16 autocast and
+channels_last by default on CUDA. Methods are interleaved in blocks; the time per step is the block's
+wall time (``torch.cuda.synchronize`` at both ends) over its steps, median over the blocks after warm-up.
+Then per-sample scoring throughput (``per_sample_sharpness`` vmap / loop and the hooks candidate of
+ghost_norm.py) against a plain forward+backward, and the projected wall time of the paper's CIFAR-10 run
+(200 epochs x 390 steps, Td = 100, k = 0.4, one scoring of 50k x 3). ``--compile`` wraps every member in
+``torch.compile`` (compile time reported separately). Writes ``gpu_check[_compile].json`` to ``$OUT``
+when set, else to benchmarks/results.
+
+    bash benchmarks/gpu_check.sh                                            # on the GPU machine
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny            # the CPU path, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+import traceback
+
+PAPER = {"epochs": 200, "rows": 50_000, "members": 3, "td": 100, "k": 0.4, "batch": 128}
+
+
+def hide_packages(names: tuple[str, ...] = ("datasets", "evaluate")) -> None:
+    """Make ``names`` look uninstalled (as on the GPU machines): ``find_spec`` says None, ``import`` raises."""
+    original = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        return None if name.split(".")[0] in names else original(name, package)
+
+    class Blocker:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name.split(".")[0] in names:
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by gpu_check --hide-datasets)")
+            return None
+
+    importlib.util.find_spec = find_spec
+    sys.meta_path.insert(0, Blocker())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (width 4, batch 8), for the CPU smoke test")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128, help="per-member batch")
+    p.add_argument("--members", type=int, default=3)
+    p.add_argument("--ks", default="0.3,0.4", help="sharpbalance fractions k (0.4: the paper's CIFAR-10)")
+    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--methods", default="deep_ensemble,sam,sharpbalance")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile every member")
+    p.add_argument("--block", type=int, default=10, help="steps per method per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds after one warm-up round")
+    p.add_argument("--score-samples", type=int, default=1024)
+    p.add_argument("--score-methods", default="plain,vmap/64,vmap/256,loop,hooks/64,hooks/256")
+    p.add_argument("--budget-s", type=float, default=240, help="skip what would start after this many seconds")
+    p.add_argument("--hide-datasets", action="store_true", help="simulate a machine without datasets/evaluate")
+    p.add_argument("--out-dir", default=None, help="JSON folder (default $OUT, else benchmarks/results)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.width, args.batch, args.block, args.rounds, args.score_samples = 4, 8, 2, 1, 8
+        args.score_methods = "plain,vmap/4,loop,hooks/4"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.hide_datasets:
+        hide_packages()
+    t_start = time.perf_counter()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as C
+    import torch
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    cuda = device.type == "cuda"
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cuda)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and cuda)
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user sets; convs use TF32 by default
+    name = "gpu_check_compile" if args.compile else "gpu_check"
+    out_dir = args.out_dir or os.environ.get("OUT") or None
+    payload: dict = {"config": vars(args), "device": str(device), "bf16": bf16, "channels_last": channels_last,
+                     "errors": {}, "steps": {}, "scoring": {}, "projection": {}}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > args.budget_s
+
+    # -- trainers and prepared batches -----------------------------------------------------------------
+    m, b, n_rows = args.members, args.batch, PAPER["rows"]
+    factory = C.model_factory("resnet18", args.width)
+    configs = [(meth, None) for meth in args.methods.split(",") if meth != "sharpbalance"]
+    if "sharpbalance" in args.methods:
+        configs += [("sharpbalance", float(k)) for k in args.ks.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        rows = torch.cat([torch.randperm(n_rows, generator=gen)[:b] for _ in range(m)])
+        x = torch.randn(m * b, 3, 32, 32, generator=gen).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batches.append({"pixel_values": x, "labels": torch.randint(0, 10, (m * b,), generator=gen).to(device),
+                        "sample_index": rows, "member_index": torch.arange(m).repeat_interleave(b)})
+    trainers, fractions = {}, {}
+    for meth, k in configs:
+        label = meth if k is None else f"sharpbalance_k{k:g}"
+        try:
+            tr = C.make_trainer(meth, factory, C.TensorDictDataset(torch.zeros(n_rows), torch.zeros(n_rows, dtype=torch.long)), members=m,
+                                batch_size=b, rho=args.rho, bf16=bf16, use_cpu=not cuda)
+            if channels_last:
+                tr.model.to(memory_format=torch.channels_last)
+            if args.compile:
+                for i, member in enumerate(tr.ensemble.members):
+                    tr.ensemble.members[i] = torch.compile(member)
+            tr.create_optimizer()
+            tr.current_gradient_accumulation_steps = 1
+            f = 1.0 if meth == "sam" else 0.0
+            if k is not None:
+                masks = C.random_masks(m, n_rows, k)
+                tr.set_sam_masks(masks)
+                f = sum(masks[i, bt["sample_index"][i * b:(i + 1) * b]].float().mean().item()
+                        for bt in batches for i in range(m)) / (len(batches) * m)
+            trainers[label], fractions[label] = tr, f
+        except Exception as err:  # record and go on: a partial result beats none
+            payload["errors"][f"build {label}"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+
+    def run_block(tr, steps: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tr.training_step(tr.model, dict(batches[tr.state.global_step % len(batches)]))
+            tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.state.global_step += 1
+        sync()
+        return (time.perf_counter() - t) / steps
+
+    # -- step timing: warm-up round (compile happens here), then interleaved rounds ------------------------
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    for r in range(1 + args.rounds):
+        if r > 0 and over_budget():
+            payload["errors"]["steps"] = f"stopped after {r - 1} timed rounds (budget {args.budget_s} s)"
+            break
+        for label, tr in list(trainers.items()):
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                per = run_block(tr, args.block if r else 2)
+                if r == 0:
+                    payload["steps"].setdefault(label, {})["first_steps_s"] = time.perf_counter() - t
+                else:
+                    times[label].append(per)
+                if cuda:
+                    payload["steps"][label]["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            except Exception as err:
+                payload["errors"][f"steps {label}"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+                trainers.pop(label)
+        print(f"round {r}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    sgd = C.median(times.get("deep_ensemble", [])) if times.get("deep_ensemble") else float("nan")
+    sam = C.median(times.get("sam", [])) if times.get("sam") else float("nan")
+    rows = []
+    for label, ts in times.items():
+        if not ts:
+            continue
+        t, f = C.median(ts), fractions[label]
+        payload["steps"][label].update({"ms_per_step": 1e3 * t, "steps_per_s": 1 / t, "f": f,
+                                        "images_per_s": m * b / t, "vs_sgd": t / sgd, "vs_sam": t / sam,
+                                        "ideal_vs_sgd": 1 + f})
+        rows.append({"method": label, **payload["steps"][label]})
+    C.print_table(rows, ["method", "f", "ms_per_step", "steps_per_s", "images_per_s", "vs_sgd", "ideal_vs_sgd",
+                         "vs_sam", "first_steps_s", "peak_gpu_gib"],
+                  title=f"{device} resnet18 w{args.width}, m={m}, batch {b}/member, bf16={bf16}, "
+                        f"channels_last={channels_last}, compile={args.compile}")
+    C.write_result(name, payload, out_dir)
+
+    # -- scoring throughput ----------------------------------------------------------------------------
+    if not args.compile and not over_budget():
+        try:
+            payload["scoring"] = score_throughput(args, factory, device, C, sync, over_budget)
+        except Exception as err:
+            payload["errors"]["scoring"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        srows = [{"method": k_, **v} for k_, v in payload["scoring"].items()]
+        C.print_table(srows, ["method", "samples_per_s", "vs_plain", "max_rel_err_vs_loop"],
+                      title=f"per-sample scoring on {device} (fp32, eval mode)")
+
+    # -- projection of the paper's run -----------------------------------------------------------------
+    steps = payload["steps"]
+    per_epoch = PAPER["rows"] // b  # the paper's 390 steps at b = 128
+    sb_key = f"sharpbalance_k{PAPER['k']:g}"
+    scorers = {k_: v["samples_per_s"] for k_, v in payload["scoring"].items() if k_ != "plain"}
+    best_score = max(scorers.values()) if scorers else float("nan")
+    proj = {}
+    if "ms_per_step" in steps.get("deep_ensemble", {}):
+        proj["deep_ensemble_h"] = PAPER["epochs"] * per_epoch * steps["deep_ensemble"]["ms_per_step"] / 3.6e6
+    if "ms_per_step" in steps.get("sam", {}):
+        proj["sam_h"] = PAPER["epochs"] * per_epoch * steps["sam"]["ms_per_step"] / 3.6e6
+        if "ms_per_step" in steps.get(sb_key, {}):
+            score_h = PAPER["rows"] * PAPER["members"] / best_score / 3600
+            proj["sharpbalance_h"] = (PAPER["td"] * steps["sam"]["ms_per_step"] + (PAPER["epochs"] - PAPER["td"])
+                                      * steps[sb_key]["ms_per_step"]) * per_epoch / 3.6e6 + score_h
+            proj["scoring_once_h_best"] = score_h
+            proj["best_scorer"] = max(scorers, key=scorers.get) if scorers else None
+    payload["projection"] = proj
+    payload["wall_s"] = time.perf_counter() - t_start
+    print(f"\nprojected paper run ({PAPER}, at batch {b}, data loading excluded): "
+          + ", ".join(f"{k_} {v:.3g}" if isinstance(v, float) else f"{k_} {v}" for k_, v in proj.items()))
+    if payload["errors"]:
+        print("errors:", *payload["errors"].items(), sep="\n  ")
+    C.write_result(name, payload, out_dir)
+    return payload
+
+
+def score_throughput(args, factory, device, common, sync, over_budget) -> dict:
+    """Samples/s of each scoring implementation (fp32, eval mode) and of a plain forward+backward."""
+    import torch
+    import torch.nn.functional as F
+    from scoring import hooks_as_vmap
+
+    from sbtrainer.scoring import per_sample_sharpness
+
+    torch.manual_seed(0)
+    model = factory().to(device).eval()
+    n = args.score_samples
+    g = torch.Generator().manual_seed(1)
+    data = common.TensorDictDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    out: dict = {}
+    scores = {}
+    for meth in args.score_methods.split(","):
+        if over_budget():
+            break
+        kind, _, chunk = meth.partition("/")
+        best = float("inf")
+        for _ in range(2):  # the first run warms up (cuDNN plans, vmap), the second is timed
+            sync()
+            t = time.perf_counter()
+            if kind == "plain":
+                x, y = data.x.to(device), data.y.to(device)
+                for lo in range(0, n, args.batch):
+                    F.cross_entropy(model(x[lo:lo + args.batch]), y[lo:lo + args.batch]).backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                ctx = hooks_as_vmap() if kind == "hooks" else _null()
+                with ctx:
+                    scores[meth] = per_sample_sharpness(model, data, batch_size=int(chunk or 64), device=device,
+                                                        method="loop" if kind == "loop" else "vmap", progress=False)
+            sync()
+            best = min(best, time.perf_counter() - t)
+        out[meth] = {"samples_per_s": n / best}
+    if "plain" in out:
+        for v in out.values():
+            v["vs_plain"] = out["plain"]["samples_per_s"] / v["samples_per_s"]
+    ref = scores.get("loop")
+    for meth, s in scores.items():
+        if ref is not None:
+            out[meth]["max_rel_err_vs_loop"] = common.max_rel_err(s, ref)
+    return out
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+if __name__ == "__main__":
+    main()
