@@ -6,8 +6,8 @@ DataLoader, so neither ``datasets`` nor ``evaluate`` is needed: the lent GPU mac
 CIFAR-stem ResNet18 (width 64, 11.17M parameters), batch 128 per member, m = 3, bf16 autocast and
 channels_last by default on CUDA. Methods are interleaved in blocks; the time per step is the block's
 wall time (``torch.cuda.synchronize`` at both ends) over its steps, median over the blocks after warm-up.
-Then per-sample scoring throughput (``per_sample_sharpness`` vmap / loop and the hooks candidate of
-ghost_norm.py) against a plain forward+backward, and the projected wall time of the paper's CIFAR-10 run
+Then per-sample scoring throughput (``per_sample_sharpness`` vmap / loop and the hooks method of
+sbtrainer/ghost_norm.py) against a plain forward+backward, and the projected wall time of the paper's CIFAR-10 run
 (200 epochs x 390 steps, Td = 100, k = 0.4, one scoring of 50k x 3). ``--compile`` wraps every member in
 ``torch.compile`` (compile time reported separately). Writes ``gpu_check[_compile].json`` to ``$OUT``
 when set, else to benchmarks/results.
@@ -229,7 +229,6 @@ def score_throughput(args, factory, device, common, sync, over_budget) -> dict:
     """Samples/s of each scoring implementation (fp32, eval mode) and of a plain forward+backward."""
     import torch
     import torch.nn.functional as F
-    from scoring import hooks_as_vmap
 
     from sbtrainer.scoring import per_sample_sharpness
 
@@ -254,10 +253,8 @@ def score_throughput(args, factory, device, common, sync, over_budget) -> dict:
                     F.cross_entropy(model(x[lo:lo + args.batch]), y[lo:lo + args.batch]).backward()
                 model.zero_grad(set_to_none=True)
             else:
-                ctx = hooks_as_vmap() if kind == "hooks" else _null()
-                with ctx:
-                    scores[meth] = per_sample_sharpness(model, data, batch_size=int(chunk or 64), device=device,
-                                                        method="loop" if kind == "loop" else "vmap", progress=False)
+                scores[meth] = per_sample_sharpness(model, data, batch_size=int(chunk or 64), device=device,
+                                                    method=kind, progress=False)
             sync()
             best = min(best, time.perf_counter() - t)
         out[meth] = {"samples_per_s": n / best}
@@ -269,12 +266,6 @@ def score_throughput(args, factory, device, common, sync, over_budget) -> dict:
         if ref is not None:
             out[meth]["max_rel_err_vs_loop"] = common.max_rel_err(s, ref)
     return out
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ library's own DataLoader):
 
 - ``vmap/<c>``: ``method="vmap"`` with ``batch_size=c`` (torch.func ``grad`` vmapped over a chunk of c);
 - ``loop``: ``method="loop"`` (one ``autograd.grad`` per sample);
-- ``hooks/<c>``: a candidate, `ghost_norm.batch_scores_hooks` patched in for vmap: exact per-sample squared
-  gradient norms from one batched forward and an activation-only backward (see ghost_norm.py);
+- ``hooks/<c>``: ``method="hooks"`` (`sbtrainer.ghost_norm`): exact per-sample squared
+  gradient norms from one batched forward and an activation-only backward (see sbtrainer/ghost_norm.py);
 
 against ``plain``: one batched forward+backward (eval mode, batch 128) over the same samples, and ``train``: a
 training step (train mode, SGD + momentum, batch 128). Every implementation's scores are checked against
@@ -25,16 +25,13 @@ projected from the measured per-sample costs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import _common as C
 import torch
 import torch.nn.functional as F
-from ghost_norm import batch_scores_hooks
 
 from sbtrainer import scoring as sb_scoring
 
@@ -63,21 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the implementations ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def hooks_as_vmap() -> Iterator[None]:
-    """Route ``per_sample_sharpness(method="vmap")`` to `batch_scores_hooks` (how it would plug into the library)."""
-    original = sb_scoring.batch_scores_vmap
-
-    def hooks(member, batch, input_name="pixel_values", loss_fn=F.cross_entropy):
-        return batch_scores_hooks(member, batch[input_name], sb_scoring._labels(batch)).cpu()
-
-    sb_scoring.batch_scores_vmap = hooks
-    try:
-        yield
-    finally:
-        sb_scoring.batch_scores_vmap = original
-
-
 def run_method(method: str, model: torch.nn.Module, data: C.TensorDictDataset, plain_batch: int) -> torch.Tensor | None:
     """Run one implementation over all of ``data``; return its scores (None for the plain/train references)."""
     if method in ("plain", "train"):
@@ -92,10 +74,7 @@ def run_method(method: str, model: torch.nn.Module, data: C.TensorDictDataset, p
         model.eval()
         return None
     kind, _, chunk = method.partition("/")
-    ctx = hooks_as_vmap() if kind == "hooks" else contextlib.nullcontext()
-    with ctx:
-        return sb_scoring.per_sample_sharpness(model, data, batch_size=int(chunk or 64),
-                                               method="loop" if kind == "loop" else "vmap", progress=False)
+    return sb_scoring.per_sample_sharpness(model, data, batch_size=int(chunk or 64), method=kind, progress=False)
 
 
 def build(spec: str, real: bool) -> tuple[str, int, torch.nn.Module, C.TensorDictDataset, str]:

@@ -100,8 +100,9 @@ class SharpBalanceConfig(TrainingArguments):
     score_method: str = field(
         default="auto",
         metadata={
-            "help": "Per-sample gradient implementation: 'vmap' (torch.func, chunked), 'loop' (one sample at a "
-            "time) or 'auto' (vmap, falling back to the loop if the model cannot be vmapped)."
+            "help": "Per-sample gradient implementation: 'hooks' (one batched pass, plain Conv/Linear/BatchNorm "
+            "modules), 'vmap' (torch.func, chunked), 'loop' (one sample at a time) or 'auto' (hooks, then vmap, "
+            "then the loop)."
         },
     )
     ensemble_reduction: str = field(
@@ -127,7 +128,7 @@ class SharpBalanceConfig(TrainingArguments):
             ("selection", SELECTIONS),
             ("residual", RESIDUALS),
             ("ensemble_reduction", REDUCTIONS),
-            ("score_method", ("auto", "vmap", "loop")),
+            ("score_method", ("auto", "hooks", "vmap", "loop")),
         ):
             value = getattr(self, name)
             if value not in choices:

@@ -30,7 +30,7 @@ def _bn_model():
     return model
 
 
-@pytest.mark.parametrize("method", ["vmap", "loop"])
+@pytest.mark.parametrize("method", ["auto", "hooks", "vmap", "loop"])
 def test_batchnorm_model_scores_equal_naive(method):
     model, data = _bn_model(), image_data(n=11)
     expected = naive_scores(model, data, lambda m, b: m(b["pixel_values"]))
@@ -48,6 +48,35 @@ def test_tiny_albert_scores_equal_naive(method):
     expected = naive_scores(model, data, lambda m, b: m(**{k: v for k, v in b.items() if k != "labels"}).logits)
     got = per_sample_sharpness(model, data, batch_size=3, method=method, progress=False)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_narrow_timm_resnet_scores_equal_naive(method):
+    from sbtrainer.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet("resnet18", num_classes=4, width=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16))
+    data = image_data(n=6, shape=(3, 16, 16))
+    expected = naive_scores(model, data, lambda m, b: m(b["pixel_values"]))
+    got = per_sample_sharpness(model, data, batch_size=4, method=method, progress=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_hooks_refuses_what_it_cannot_score_exactly():
+    with pytest.raises(NotImplementedError):
+        per_sample_sharpness(tiny_albert_factory()(), TokenDataset(n=2), method="hooks", progress=False)
+    layer_norm_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    from helpers import DictDataset
+
+    data = DictDataset(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(NotImplementedError):
+        per_sample_sharpness(layer_norm_model, data, method="hooks", progress=False)
+    auto = per_sample_sharpness(layer_norm_model, data, method="auto", progress=False)  # falls back to vmap
+    loop = per_sample_sharpness(layer_norm_model, data, method="loop", progress=False)
+    torch.testing.assert_close(auto, loop, rtol=1e-5, atol=1e-12)
 
 
 def test_rows_are_aligned():

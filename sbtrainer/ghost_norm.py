@@ -1,4 +1,4 @@
-"""Exact per-sample squared gradient norms from ONE batched forward/backward (a candidate ``score_method="hooks"``).
+"""Exact per-sample squared gradient norms from ONE batched forward/backward (``score_method="hooks"``).
 
 For a layer with input ``a`` and output gradient ``g`` (per sample ``j``), the per-sample weight gradient is
 ``G_j = sum_p g_jp a_jp^T`` over the output positions ``p`` (conv) or tokens (linear). Its squared norm is
@@ -129,6 +129,8 @@ def batch_scores_hooks(member: nn.Module, x: torch.Tensor, labels: torch.Tensor,
     total = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
     with torch.no_grad():
         for mod in owners:
+            if mod not in grads:  # not on the path from the input to the loss: zero gradient
+                continue
             a, g = acts[mod].float(), grads[mod].float()
             if isinstance(mod, nn.Conv2d):
                 total += _conv_sq_norm(mod, a, g)
