@@ -44,6 +44,14 @@ def model_inputs(batch: Mapping[str, torch.Tensor], member: nn.Module, input_nam
     return {k: v for k, v in batch.items() if k in names and k not in NON_INPUT_KEYS}
 
 
+def batch_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The labels ``(B,)`` of ``batch`` (column ``labels``, ``label`` or ``label_ids``)."""
+    for key in LABEL_KEYS:
+        if key in batch:
+            return batch[key]
+    raise ValueError(f"batch must have a label column (one of {LABEL_KEYS}); columns: {sorted(batch)}")
+
+
 def call_member(member: nn.Module, inputs: Mapping[str, torch.Tensor], input_name: str = "pixel_values") -> torch.Tensor:
     """Run ``member`` on ``inputs`` (already filtered by :func:`model_inputs`) and return logits ``(B, C)``."""
     if is_hf_model(member):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .ghost_norm import batch_scores_hooks
-from .modeling import LABEL_KEYS, call_member, is_hf_model, model_inputs
+from .modeling import batch_labels, call_member, is_hf_model, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,6 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _labels(batch: dict) -> torch.Tensor:
-    for key in LABEL_KEYS:
-        if key in batch:
-            return batch[key]
-    raise KeyError(f"batch has no labels column (one of {LABEL_KEYS}); columns: {sorted(batch)}")
-
-
 def _trainable(member: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in member.named_parameters() if p.requires_grad}
 
@@ -62,7 +55,7 @@ def batch_scores_loop(
 ) -> torch.Tensor:
     """Scores ``(B,)`` of one batch, one sample at a time with ``torch.autograd.grad``."""
     params = [p for p in member.parameters() if p.requires_grad]
-    inputs, labels = model_inputs(batch, member, input_name), _labels(batch)
+    inputs, labels = model_inputs(batch, member, input_name), batch_labels(batch)
     out = []
     for j in range(labels.shape[0]):
         one = {k: v[j : j + 1] for k, v in inputs.items()}
@@ -78,7 +71,7 @@ def batch_scores_vmap(
     """Scores ``(B,)`` of one batch with ``torch.func.grad`` vmapped over the samples."""
     params = _trainable(member)
     buffers = dict(member.named_buffers())
-    inputs, labels = model_inputs(batch, member, input_name), _labels(batch)
+    inputs, labels = model_inputs(batch, member, input_name), batch_labels(batch)
     hf = is_hf_model(member)
 
     def sample_loss(p: dict, x: dict, y: torch.Tensor) -> torch.Tensor:
@@ -139,7 +132,7 @@ def batch_scores_hooks_checked(
     """
     if is_hf_model(member):
         raise NotImplementedError("hooks scoring takes plain modules with one input tensor")
-    labels = _labels(batch)
+    labels = batch_labels(batch)
     size = labels.shape[0]
     summed = None if loss_fn is F.cross_entropy else (lambda logits, y: loss_fn(logits, y) * size)  # mean -> sum
     scores = batch_scores_hooks(member, batch[input_name], labels, summed).cpu()

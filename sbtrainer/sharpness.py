@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling import LABEL_KEYS, call_member, model_inputs
+from .modeling import batch_labels, call_member, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,6 @@ def sample_batches(
     return batches
 
 
-def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    for key in LABEL_KEYS:
-        if key in batch:
-            return batch[key]
-    raise ValueError(f"batch must have a label column (one of {LABEL_KEYS}); columns: {sorted(batch)}")
-
-
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -197,7 +190,7 @@ class _Perturber:
 def _loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn, input_name: str) -> torch.Tensor:
     """Scalar loss of ``model`` on ``batch`` (logits ``(B, C)`` from :func:`call_member`)."""
     logits = call_member(model, model_inputs(batch, model, input_name), input_name)
-    return loss_fn(logits, _labels(batch))
+    return loss_fn(logits, batch_labels(batch))
 
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .callbacks import SharpnessScoringCallback
 from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
-from .modeling import INDEX_KEYS, LABEL_KEYS
+from .modeling import INDEX_KEYS, LABEL_KEYS, batch_labels
 from .sam import frozen_norm_stats, perturbed, sam_epsilon, stash_grads, unstash_grads
 from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, SeededRowsDataset, mix_seed
 
@@ -252,7 +252,7 @@ class SharpBalanceTrainer(Trainer):
 
     def _loss(self, i: int, batch: dict, size: int) -> torch.Tensor:
         """Mean cross-entropy of member i on ``batch`` (BatchNorm on running stats for a 1-sample batch)."""
-        labels = next(batch[k] for k in LABEL_KEYS if k in batch)
+        labels = batch_labels(batch)
         member = self.ensemble.members[i]
         ctx = _norm_eval(member) if size == 1 else contextlib.nullcontext()
         with ctx, self.accelerator.autocast():
