@@ -34,6 +34,7 @@ from recipe_utils import (
     member_sharpness,
     paper_sgd,
     parse_args,
+    run_script,
     save_ensemble,
     scoring_summary,
     setup_logging,
@@ -96,4 +97,4 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

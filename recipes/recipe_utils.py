@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 import yaml
 from transformers import HfArgumentParser
@@ -45,6 +46,24 @@ class CommonArgs:
     sharpness_rho0: float = field(default=0.5, metadata={"help": "Sharpness neighbourhood gamma (paper App. D.2: 0.5)."})
     hub_repo_id: str | None = field(
         default=None, metadata={"help": "Push the saved ensemble to this Hub repo at the end (needs a write token)."})
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_script(main: Any) -> None:
+    """Run a recipe's ``main()`` as a script, then shut the process group down.
+
+    Under ``torchrun``/``accelerate launch`` with several processes, exiting with the process group
+    alive lets Gloo's worker threads be torn down with the interpreter: the process dies with
+    SIGABRT ("terminate called without an active exception") after a successful run. The group is
+    destroyed only after ``main()`` returned on this process; after an exception it is left alone
+    (destroying it while other processes are still inside a collective would hang them).
+    """
+    main()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -27,7 +27,7 @@ import numpy as np
 from accelerate import PartialState
 from cifar_data import cifar_transforms, corrupted_sets, evaluate_on, load_cifar, ood_prefix, views
 from cifar_resnet import CifarArgs, build_member
-from recipe_utils import member_sharpness, paper_sgd, parse_args, save_ensemble, setup_logging
+from recipe_utils import member_sharpness, paper_sgd, parse_args, run_script, save_ensemble, setup_logging
 from transformers import set_seed
 
 from sbtrainer import EnsembleModel, SharpBalanceConfig, SharpBalanceTrainer
@@ -126,4 +126,4 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -32,6 +32,7 @@ from recipe_utils import (
     headline,
     member_sharpness,
     parse_args,
+    run_script,
     save_ensemble,
     scoring_summary,
     setup_logging,
@@ -93,4 +94,4 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -188,6 +188,21 @@ class SharpBalanceTrainer(Trainer):
         self._member_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
+    def _prepare_for_training(self, *args, **kwargs):
+        """Prepare as the stock Trainer does, then drop the DistributedDataParallel wrapper it built.
+
+        Gradients are averaged by one flat all-reduce per optimizer step (`_all_reduce_mean_grads`):
+        the SAM ascent must stay local to each process, so DDP's reducer would never be used. Keeping
+        the wrapper would cost a gradient-sized bucket copy per process and keep the process group
+        referenced by an object that is only freed at interpreter shutdown, where Gloo can abort
+        (SIGABRT) after a successful run. DDP's construction already broadcast rank 0's weights.
+        """
+        model, loader = super()._prepare_for_training(*args, **kwargs)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+            self.model_wrapped = model
+        return model, loader
+
     # -- the step -----------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Forward/backward of every member on its sub-batch; ``.grad`` holds the final gradient.

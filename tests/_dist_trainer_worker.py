@@ -19,7 +19,11 @@ def main(out_dir: str, result_path: str) -> None:
     if trainer.accelerator.is_main_process:
         torch.save({"weights": trainer.ensemble.state_dict(), "masks": trainer.sam_masks,
                     "scores": trainer.sample_scores, "history": trainer.scoring_history,
-                    "world": trainer.accelerator.num_processes}, result_path)
+                    "world": trainer.accelerator.num_processes,
+                    "wrapped": type(trainer.model_wrapped).__name__}, result_path)
+    # without this, gloo's threads can outlive the interpreter: SIGABRT after a successful run
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 RUN_N = 16

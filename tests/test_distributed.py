@@ -27,6 +27,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist = torch.load(result, weights_only=False)
     assert dist["world"] == 2
+    assert dist["wrapped"] == "EnsembleModel"  # no DDP wrapper: gradients are all-reduced by the trainer
 
     single = make_trainer(make_args(tmp_path / "s", gradient_accumulation_steps=2, **RUN), mlp, vector_data(n=16))
     single.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from sbtrainer import EnsembleModel
+from sbtrainer.metrics import ensemble_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -106,6 +108,12 @@ def run_recipe(script: str, args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _results(out: Path) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().startswith("# results")
@@ -167,6 +175,31 @@ def test_cifar_resnet_recipe_from_the_paper_yaml(tmp_path, cifar10_dir):
     assert meta["members"][0]["builder"]["kwargs"]["width"] == 4
     batch, labels = _image_batch(cifar10_dir, cifar_transforms(10)[1], "label")
     _check_reported_accuracy(results, ensemble, batch, labels)
+
+
+def test_cifar_resnet_recipe_under_two_processes(tmp_path, cifar10_dir):
+    """``torchrun --nproc_per_node 2`` (gloo): the run exits cleanly and the reported in-distribution metrics
+    are those of the saved ensemble on every evaluation row exactly once (23 rows: uneven 12/11 shards)."""
+    from cifar_data import cifar_transforms
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(RECIPES / "cifar_resnet.py"), "recipes/configs/cifar10_sharpbalance.yaml", "--dataset_name", cifar10_dir,
+           "--output_dir", str(out), "--model_width", "4", "--lr_milestones", "1", "--max_eval_samples", "23", *TINY,
+           "--corruptions", "contrast", "--severities", "5", "--corrupt_samples", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = _results(out)
+    assert results["num_train_rows"] == 48 and results["scoring_epochs"] == [1]
+    batch, labels = _image_batch(cifar10_dir, cifar_transforms(10)[1], "label")
+    batch, labels = {"pixel_values": batch["pixel_values"][:23]}, labels[:23]
+    ensemble = EnsembleModel.from_pretrained(out / "ensemble")
+    _check_reported_accuracy(results, ensemble, batch, labels)
+    reduction = json.loads((out / "ensemble" / "ensemble_config.json").read_text())["config"]["ensemble_reduction"]
+    with torch.no_grad():
+        logits = ensemble(**batch).member_logits
+    assert results["eval_ensemble_nll"] == pytest.approx(ensemble_nll(logits, labels, reduction), rel=1e-5)
 
 
 def test_vit_recipe_from_flags(tmp_path, cifar100_dir):
