@@ -146,8 +146,8 @@ def projection(res: dict, every: list[int]) -> list[dict]:
     e, td, k, n, m = PAPER["epochs"], PAPER["td"], PAPER["k"], PAPER["rows"], PAPER["members"]
     f = 1 - (1 - k) ** 2
     train_ms = by["train"] * n * m * (2 * td + (e - td) * (1 + f))  # SAM before Td, (1 + f) after (ideal)
-    scorers = {"default (vmap/64)": by.get("vmap/64"), "best vmap": min(v for k_, v in by.items() if "vmap" in k_),
-               "loop": by["loop"], "hooks": next(v for k_, v in by.items() if k_.startswith("hooks"))}
+    scorers = {"vmap/64": by.get("vmap/64"), "best vmap": min(v for k_, v in by.items() if "vmap" in k_),
+               "loop": by["loop"], "hooks (auto's first choice)": next(v for k_, v in by.items() if k_.startswith("hooks"))}
     rows = []
     for label, ms in scorers.items():
         if ms is None:
