@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .scoring import SCORE_METHODS
+
 ENSEMBLE_METHODS = ("deep_ensemble", "sam", "sharpbalance")
 SELECTIONS = ("highest", "lowest")
 RESIDUALS = ("none", "round_robin", "complement")
@@ -128,7 +130,7 @@ class SharpBalanceConfig(TrainingArguments):
             ("selection", SELECTIONS),
             ("residual", RESIDUALS),
             ("ensemble_reduction", REDUCTIONS),
-            ("score_method", ("auto", "hooks", "vmap", "loop")),
+            ("score_method", SCORE_METHODS),
         ):
             value = getattr(self, name)
             if value not in choices:

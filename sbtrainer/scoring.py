@@ -4,7 +4,7 @@ The squared per-sample gradient norm approximates the trace of the empirical Fis
 2018). It is computed with the model in eval mode (BatchNorm on running statistics, no dropout), so
 samples are independent, over the rows the caller gives, in row order. Three implementations give the
 same numbers: ``"hooks"`` (`sbtrainer.ghost_norm`: one batched forward and an activation-only backward;
-plain modules built from Conv2d/Linear/BatchNorm, e.g. timm ResNets; 1.1-1.4x a plain forward+backward
+plain modules built from Conv2d/Linear/BatchNorm, e.g. timm ResNets; 1.0-1.5x a plain forward+backward
 in benchmarks/scoring.py), chunked ``torch.func`` (``"vmap"``) and a one-sample-at-a-time ``"loop"``.
 ``method="auto"`` tries hooks (checked against the loop on the first batch's first samples), then vmap,
 then the loop, logging each fallback once per model class.
