@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .config import RESIDUALS, SELECTIONS
+SELECTIONS = ("highest", "lowest")
+RESIDUALS = ("none", "round_robin", "complement")
 
 
 def top_k_masks(scores: torch.Tensor, fraction: float, selection: str = "highest") -> torch.Tensor:

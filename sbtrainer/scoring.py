@@ -2,12 +2,18 @@
 
 The squared per-sample gradient norm approximates the trace of the empirical Fisher (Bottou et al.,
 2018). It is computed with the model in eval mode (BatchNorm on running statistics, no dropout), so
-samples are independent, over the rows the caller gives, in row order. Three implementations give the
-same numbers: ``"hooks"`` (`sbtrainer.ghost_norm`: one batched forward and an activation-only backward;
-plain modules built from Conv2d/Linear/BatchNorm, e.g. timm ResNets; 1.0-1.5x a plain forward+backward
-in benchmarks/scoring.py), chunked ``torch.func`` (``"vmap"``) and a one-sample-at-a-time ``"loop"``.
-``method="auto"`` tries hooks (checked against the loop on the first batch's first samples), then vmap,
-then the loop, logging each fallback once per model class.
+samples are independent, over the rows the caller gives, in row order; every buffer of the model is
+restored afterwards (a forward that updates state even in eval mode leaves no trace). Three
+implementations give the same numbers: ``"hooks"`` (`sbtrainer.ghost_norm`: one batched forward and an
+activation-only backward; plain modules built from Conv2d/Linear/BatchNorm in which every trainable
+parameter is used once per forward, by its own module, e.g. timm ResNets; 1.0-1.5x a plain
+forward+backward in benchmarks/scoring.py), chunked ``torch.func`` (``"vmap"``) and a one-sample-at-a-time
+``"loop"``. ``"hooks"`` decides whether it is exact from the model's structure and its autograd graph on
+every batch (shared weights, a module called twice, a derived weight such as ``torch.nn.utils.prune``'s, a
+weight reused functionally: ``NotImplementedError``). ``method="auto"`` tries hooks (on its first batch it
+also compares the first two samples with the loop, a secondary guard), then vmap, then the loop, logging
+each fallback once per model class; if a later batch fails the structural check, ``auto`` falls back from
+that batch on.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .ghost_norm import batch_scores_hooks
 from .modeling import batch_labels, call_member, is_hf_model, model_inputs
+from .sam import frozen_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +122,7 @@ def per_sample_sharpness(
     device = torch.device(device) if device is not None else next(member.parameters()).device
     batches = _batches(dataset, rows, collate_fn, batch_size)
     chunks = []
-    with eval_mode(member):
+    with eval_mode(member), frozen_buffers(member):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             scores, method = _score_batch(member, batch, method, input_name, loss_fn)
@@ -126,16 +133,20 @@ def per_sample_sharpness(
 def batch_scores_hooks_checked(
     member: nn.Module, batch: dict, input_name: str, loss_fn: LossFn, verify: int = 0
 ) -> torch.Tensor:
-    """Scores ``(B,)`` by `sbtrainer.ghost_norm`; with ``verify > 0`` the first samples are checked against the loop.
+    """Scores ``(B,)`` by `sbtrainer.ghost_norm`; with ``verify > 0`` the first samples are also checked against the loop.
 
-    Raises ``NotImplementedError`` for members it cannot score exactly (HF models, unsupported layers, a mismatch).
+    Exactness is decided by structure in `sbtrainer.ghost_norm` on every call; ``verify`` is a secondary guard for
+    what structure cannot show (a parameter-free module mixing the rows of a batch).
+
+    Raises:
+        NotImplementedError: members it cannot score exactly (HF models, unsupported layers, a parameter with more
+            than one use per forward, a mismatch with the loop).
     """
     if is_hf_model(member):
         raise NotImplementedError("hooks scoring takes plain modules with one input tensor")
     labels = batch_labels(batch)
-    size = labels.shape[0]
-    summed = None if loss_fn is F.cross_entropy else (lambda logits, y: loss_fn(logits, y) * size)  # mean -> sum
-    scores = batch_scores_hooks(member, batch[input_name], labels, summed).cpu()
+    per_sample = None if loss_fn is F.cross_entropy else loss_fn  # summed over 1-row slices, as the loop does
+    scores = batch_scores_hooks(member, batch[input_name], labels, per_sample).cpu()
     if verify:
         head = {k: v[:verify] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
         expected = batch_scores_loop(member, head, input_name, loss_fn)
@@ -153,12 +164,14 @@ def _fallback(member: nn.Module, method: str, err: Exception, to: str) -> None:
 
 
 def _score_batch(member, batch, method, input_name, loss_fn) -> tuple[torch.Tensor, str]:
+    """Scores of one batch and the method for the next (``"auto-hooks"``: hooks chosen by auto, may still fall back)."""
     if method == "loop":
         return batch_scores_loop(member, batch, input_name, loss_fn), method
-    if method in ("auto", "hooks"):
+    if method in ("auto", "auto-hooks", "hooks"):
         try:
             verify = 2 if method == "auto" else 0
-            return batch_scores_hooks_checked(member, batch, input_name, loss_fn, verify), "hooks"
+            scores = batch_scores_hooks_checked(member, batch, input_name, loss_fn, verify)
+            return scores, "hooks" if method == "hooks" else "auto-hooks"
         except NotImplementedError as err:
             if method == "hooks":
                 raise

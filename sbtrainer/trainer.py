@@ -1,38 +1,43 @@
 """`SharpBalanceTrainer`: one HF `Trainer` that trains an m-member ensemble by deep ensemble, SAM or SharpBalance.
 
 Per optimizer step every member ``i`` takes its own sub-batch ``B`` (`sbtrainer.sampling`), split into
-``S = B ∩ D_i^SAM`` and ``N = B \\ S``, and leaves in ``.grad`` (DESIGN.md §1)::
+``S = B ∩ D_i^SAM`` and ``N = B \\ S``, and leaves in ``.grad`` (paper Sec. 4.3, Algorithm 1)::
 
     g = (|S|/|B|) ∇L_S(θ + ε_S) + (|N|/|B|) ∇L_N(θ),    ε_S = ρ ∇L_S(θ) / ‖∇L_S(θ)‖
 
 ``deep_ensemble`` has ``S = ∅``; ``sam`` has ``S = B``; ``sharpbalance`` uses ``S = B`` before the first
 scoring (epochs ``[0, Td)``) and the installed masks after. The Trainer's own loop then clips (per
-member), steps the optimizer and the scheduler. Members never share a gradient: the ensemble loss is
-a sum, and with several processes the gradients are averaged by one all-reduce per optimizer step
-(the ascent gradient stays local, as in m-sharpness).
+member), steps the optimizer and the scheduler. Members never share a gradient. With gradient
+accumulation every row of a member's window weighs ``1 / (that member's rows in the window)``,
+whatever the micro-batch sizes; with several processes each process adds its rows' share and the
+gradients are summed by one all-reduce per optimizer step (the ascent gradient stays local, as in
+m-sharpness). The logged ``loss`` and ``eval_loss`` are the mean over members of each member's mean
+loss (``member_i_loss`` for each member).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, default_data_collator
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .callbacks import SharpnessScoringCallback
 from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
 from .modeling import INDEX_KEYS, LABEL_KEYS, batch_labels
-from .sam import frozen_norm_stats, perturbed, sam_epsilon, stash_grads, unstash_grads
+from .sam import frozen_buffers, perturbed, sam_epsilon, single_sample_norm_eval, stash_grads, unstash_grads
 from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, SeededRowsDataset, mix_seed
 
 logger = logging.getLogger(__name__)
@@ -41,36 +46,42 @@ STATE_NAME = "sharpbalance_state.pt"
 
 
 class _StepLog:
-    """Per-member training statistics accumulated on device between two logging steps (no host syncs)."""
+    """Per-member training statistics accumulated on device between two logging steps (no host syncs).
+
+    Losses are sums over rows, so a window of micro-batches of unequal sizes gives the per-row mean.
+    """
 
     def __init__(self, num_members: int) -> None:
         self.m = num_members
         self.reset()
 
     def reset(self) -> None:
-        self.batches = 0
-        self.loss = [0.0] * self.m
-        self.sam_fraction = [0.0] * self.m
+        self.loss_sum = [0.0] * self.m
+        self.rows = [0] * self.m
+        self.sam_rows = [0] * self.m
         self.ascent_norm = [0.0] * self.m
         self.ascents = [0] * self.m
         self.skipped = 0
 
-    def add(self, i: int, loss: torch.Tensor, sam_fraction: float, norm: torch.Tensor | None) -> None:
-        self.loss[i] = self.loss[i] + loss.detach().float()
-        self.sam_fraction[i] += sam_fraction
+    def add(self, i: int, mean_loss: torch.Tensor, rows: int, sam_rows: int, norm: torch.Tensor | None) -> None:
+        """Record member i's sub-batch: its mean loss over ``rows`` rows, ``sam_rows`` of them under SAM."""
+        self.loss_sum[i] = self.loss_sum[i] + mean_loss.detach().float() * rows
+        self.rows[i] += rows
+        self.sam_rows[i] += sam_rows
         if norm is not None:
             self.ascent_norm[i] = self.ascent_norm[i] + norm.detach().float()
             self.ascents[i] += 1
             self.skipped = self.skipped + (~torch.isfinite(norm)).int()
 
     def drain(self) -> dict[str, float]:
-        """The means over the batches since the last drain, as floats; resets."""
-        if self.batches == 0:
+        """Per-row means since the last drain, as floats; resets."""
+        if not any(self.rows):
             return {}
         out: dict[str, float] = {}
         for i in range(self.m):
-            out[f"member_{i}_loss"] = float(self.loss[i]) / self.batches
-            out[f"member_{i}_sam_fraction"] = self.sam_fraction[i] / self.batches
+            if self.rows[i]:
+                out[f"member_{i}_loss"] = float(self.loss_sum[i]) / self.rows[i]
+                out[f"member_{i}_sam_fraction"] = self.sam_rows[i] / self.rows[i]
             if self.ascents[i]:
                 out[f"member_{i}_ascent_grad_norm"] = float(self.ascent_norm[i]) / self.ascents[i]
         out["skipped_ascents"] = float(self.skipped)
@@ -91,12 +102,23 @@ class SharpBalanceTrainer(Trainer):
 
     def __init__(self, model: EnsembleModel, args: SharpBalanceConfig, score_dataset=None, **kwargs) -> None:
         _check_inputs(model, args, kwargs.get("train_dataset"), score_dataset)
+        _check_transform_columns(args, train_dataset=kwargs.get("train_dataset"), eval_dataset=kwargs.get("eval_dataset"),
+                                 score_dataset=score_dataset)
+        _set_reduction(model, args)
         if kwargs.get("compute_metrics") is None:
-            kwargs["compute_metrics"] = _default_compute_metrics(args)
-        super().__init__(model=model, args=args, **kwargs)
+            kwargs["compute_metrics"] = self._default_compute_metrics
+        # The stock Trainer builds a LabelSmoother by reading `model.config` (an EnsembleModel has none);
+        # the member loss applies label_smoothing_factor itself (`_loss`), so hide it from the stock init.
+        smoothing = args.label_smoothing_factor
+        args.label_smoothing_factor = 0.0
+        try:
+            super().__init__(model=model, args=args, **kwargs)
+        finally:
+            args.label_smoothing_factor = smoothing
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError("SharpBalanceTrainer supports one device or DDP; DeepSpeed and FSDP are not supported")
         self.model_accepts_loss_kwargs = False  # EnsembleModel.forward(**inputs) does not scale for num_items_in_batch
+        self._label_column = _label_column(args)
         self.score_dataset = score_dataset
         self.sam_masks: torch.Tensor | None = None
         self.sample_scores: torch.Tensor | None = None
@@ -105,8 +127,65 @@ class SharpBalanceTrainer(Trainer):
         self._step_log = _StepLog(model.num_members)
         self._micro = (-1, -1)  # (global_step, micro-step index) of the last training_step
         self._update_steps_per_epoch: int | None = None
+        self._masks_by_hand = False
+        self._check_sam_fraction()
         if args.ensemble_method == "sharpbalance":
             self.add_callback(SharpnessScoringCallback(self))
+
+    def _default_compute_metrics(self, eval_pred) -> dict[str, float]:
+        """`sbtrainer.metrics.ensemble_metrics` with the ensemble's own reduction (read at call time)."""
+        from .metrics import make_compute_metrics
+
+        return make_compute_metrics(reduction=self.ensemble.reduction)(eval_pred)
+
+    def _check_sam_fraction(self) -> None:
+        """Refuse a SharpBalance run whose top-k sets are empty: ``floor(k N) = 0`` with ``k > 0``.
+
+        No member would ever train with SAM after Td (``sam_fraction=0`` asks for that explicitly).
+        """
+        args = self.args
+        if args.ensemble_method != "sharpbalance" or args.residual != "none" or args.sam_fraction == 0:
+            return
+        try:
+            rows = len(self.train_dataset) if self.train_dataset is not None else None
+        except TypeError:
+            return
+        if rows is not None and math.floor(args.sam_fraction * rows) == 0:
+            raise ValueError(
+                f"SharpBalanceConfig.sam_fraction={args.sam_fraction} selects floor(k N) = 0 of the {rows} training rows: "
+                "every SAM set would be empty, so after scoring_start_epoch the run would be a deep ensemble. "
+                f"Use sam_fraction >= {1 / rows:.4g} (or sam_fraction=0 to ask for that).")
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after refusing a SharpBalance run that would end before its first scoring."""
+        self._check_schedule()
+        return super().train(*args, **kwargs)
+
+    def _check_schedule(self) -> None:
+        """Refuse a SharpBalance run that would end before its first scoring (a SAM run under another name).
+
+        Checked when training starts, since masks installed by hand (`set_sam_masks`) make such a run
+        legitimate; the steps per epoch are ``ceil(ceil(N / B) / W / accumulation)``.
+        """
+        args = self.args
+        if (args.ensemble_method != "sharpbalance" or self.train_dataset is None or args.max_steps <= 0
+                or self._masks_by_hand):
+            return
+        try:
+            rows = len(self.train_dataset)
+        except TypeError:
+            return
+        batches = rows // args.per_device_train_batch_size if args.dataloader_drop_last else math.ceil(
+            rows / args.per_device_train_batch_size)
+        per_process = math.ceil(batches / self.accelerator.num_processes)
+        steps_per_epoch = max(math.ceil(per_process / args.gradient_accumulation_steps), 1)
+        first_scoring_step = args.scoring_start_epoch * steps_per_epoch
+        if first_scoring_step >= args.max_steps:
+            raise ValueError(
+                f"SharpBalanceConfig.scoring_start_epoch={args.scoring_start_epoch} with max_steps={args.max_steps}: "
+                f"scoring would start at step {first_scoring_step} ({steps_per_epoch} optimizer steps per epoch), after "
+                "the last step, so the run would be SAM on all data labelled 'sharpbalance'. Lower scoring_start_epoch "
+                "or raise max_steps (or use ensemble_method='sam').")
 
     # -- properties and public state ----------------------------------------------------------------
     @property
@@ -129,10 +208,12 @@ class SharpBalanceTrainer(Trainer):
             raise ValueError(f"set_sam_masks: masks must be a bool tensor of shape {expected}; "
                              f"got {masks.dtype} {tuple(masks.shape)}")
         self.sam_masks = masks.detach().cpu().clone()
+        self._masks_by_hand = True
 
     def install_scores(self, scores: torch.Tensor, masks: torch.Tensor, epoch: int) -> None:
         """Record a scoring's scores ``(m, N)`` and masks ``(m, N)`` made at the start of ``epoch``."""
         self.set_sam_masks(masks)
+        self._masks_by_hand = False
         self.sample_scores = scores.detach().float().cpu().clone()
         self.last_scored_epoch = epoch
         self.scoring_history.append({"epoch": epoch, "global_step": self.state.global_step})
@@ -144,9 +225,14 @@ class SharpBalanceTrainer(Trainer):
         transform fixed by the seed ``(seed, epoch, row)``, so scores are reproducible.
         """
         if self.score_dataset is not None:
-            return self._with_model_columns(self.score_dataset, "scoring")
-        dataset, collate_fn = self._with_model_columns(self.train_dataset, "scoring")
-        return SeededRowsDataset(dataset, mix_seed(self.args.seed, epoch)), collate_fn
+            dataset, collate_fn = self._with_model_columns(self.score_dataset, "scoring")
+        else:
+            dataset, collate_fn = self._with_model_columns(self.train_dataset, "scoring")
+            dataset = SeededRowsDataset(dataset, mix_seed(self.args.seed, epoch))
+        if self._label_column is None:
+            return dataset, collate_fn
+        collate = collate_fn if collate_fn is not None else default_data_collator
+        return dataset, lambda rows: self._standard_labels(collate(rows))
 
     # -- data ---------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -191,7 +277,7 @@ class SharpBalanceTrainer(Trainer):
     def _prepare_for_training(self, *args, **kwargs):
         """Prepare as the stock Trainer does, then drop the DistributedDataParallel wrapper it built.
 
-        Gradients are averaged by one flat all-reduce per optimizer step (`_all_reduce_mean_grads`):
+        Gradients are summed by one flat all-reduce per optimizer step (`_all_reduce_sum_grads`):
         the SAM ascent must stay local to each process, so DDP's reducer would never be used. Keeping
         the wrapper would cost a gradient-sized bucket copy per process and keep the process group
         referenced by an object that is only freed at interpreter shutdown, where Gloo can abort
@@ -204,44 +290,68 @@ class SharpBalanceTrainer(Trainer):
         return model, loader
 
     # -- the step -----------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Rows of each member in one accumulation window: int64 ``(m,)``, summed over processes.
+
+        Every row of a member's window then weighs ``1 / count`` in its gradient and in the logged loss,
+        whatever the micro-batch sizes (the stock count would be None here, since the ensemble does not
+        take loss kwargs, and would count all members' labels together).
+        """
+        if not batch_samples or "member_index" not in batch_samples[0]:
+            return None
+        m = self.ensemble.num_members
+        counts = sum(torch.bincount(b["member_index"].reshape(-1).cpu(), minlength=m) for b in batch_samples)
+        counts = counts.to(device)
+        if self.accelerator.num_processes > 1:
+            dist.all_reduce(counts)
+        return counts
+
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Forward/backward of every member on its sub-batch; ``.grad`` holds the final gradient.
 
-        Returns the detached sum over members of each member's mean loss at θ, divided by the
-        accumulation steps (as the stock `Trainer.training_step` returns its loss).
+        ``num_items_in_batch`` is the ``(m,)`` count of each member's rows in the accumulation window
+        (all processes); member i's gradient is the sum of its per-row gradients divided by that count.
+        Returns the detached contribution of this micro-batch to the logged loss, which is
+        the mean over members of each member's mean loss over the window.
         """
         ensemble = self.ensemble
         ensemble.train()
         sample_index = inputs.pop("sample_index").cpu()
         member_index = inputs.pop("member_index").cpu()
-        inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.current_gradient_accumulation_steps
+        inputs = self._prepare_inputs(self._standard_labels(inputs))
+        if num_items_in_batch is None:  # called outside the training loop: this micro-batch is the window
+            world = self.accelerator.num_processes
+            num_items_in_batch = torch.bincount(member_index, minlength=ensemble.num_members) * world
+        counts = [int(c) for c in num_items_in_batch]
         micro = self._next_micro_step()
         total = torch.zeros((), device=self.args.device)
         for i in range(ensemble.num_members):
             rows = torch.nonzero(member_index == i).squeeze(1)
-            if rows.numel() == 0:  # cannot happen with our sampler; a custom one may leave a member out
+            if rows.numel() == 0:  # a member with no rows in this micro-batch (a custom sampler)
                 continue
             batch = _take(inputs, rows, len(member_index), self.args.device)
             sam_mask = self._sam_mask(i, sample_index[rows])
             with self._member_rng(i, micro):
-                loss = self._member_step(i, batch, sam_mask, scale)
-            total = total + loss
-        self._step_log.batches += 1
+                loss = self._member_step(i, batch, sam_mask, 1.0 / counts[i])
+            total = total + loss * (rows.numel() / counts[i])
         if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            _all_reduce_mean_grads(ensemble)
-        return total.detach() * scale
+            _all_reduce_sum_grads(ensemble)
+        # The stock loop averages the logged loss over processes; each process holds its share of the sum.
+        return total.detach() * (self.accelerator.num_processes / ensemble.num_members)
 
-    def _member_step(self, i: int, batch: dict, sam_mask: torch.Tensor, scale: float) -> torch.Tensor:
-        """Leave member i's gradient (× scale) in ``.grad``; return its mean loss at θ over the sub-batch."""
+    def _member_step(self, i: int, batch: dict, sam_mask: torch.Tensor, row_weight: float) -> torch.Tensor:
+        """Add member i's gradient of ``row_weight * sum of its per-row losses`` to ``.grad``; return the mean loss at θ.
+
+        ``sam_mask`` bool ``(B,)`` splits the sub-batch into S (SAM objective) and N (plain loss).
+        """
         member = self.ensemble.members[i]
         n_b = int(sam_mask.numel())
         n_s = int(sam_mask.sum())
         rho = self.args.rho_of(i)
         if n_s == 0 or rho == 0.0:  # a plain pass: one forward+backward over B
             loss = self._loss(i, batch, n_b)
-            self._backward(loss * scale)
-            self._step_log.add(i, loss, n_s / n_b, None)
+            self._backward(loss * (n_b * row_weight))
+            self._step_log.add(i, loss, n_b, n_s, None)
             return loss
         s_rows = torch.nonzero(sam_mask).squeeze(1)
         n_rows = torch.nonzero(~sam_mask).squeeze(1)
@@ -251,33 +361,57 @@ class SharpBalanceTrainer(Trainer):
         loss_s = self._loss(i, s_batch, n_s)  # ascent at θ (updates BatchNorm running stats)
         self._backward(loss_s)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        eps, norm, _ = sam_epsilon(params, grads, rho, self.args.adaptive)
+        eps, norm, _ = sam_epsilon(params, grads, rho, self.args.adaptive)  # ε is invariant to a loss scale
+        norm = self._unscaled(norm)
         for p in params:
             p.grad = None
-        with perturbed(params, eps), frozen_norm_stats(member):
-            self._backward(self._loss(i, s_batch, n_s) * (n_s / n_b * scale))
+        with perturbed(params, eps), frozen_buffers(member):
+            self._backward(self._loss(i, s_batch, n_s) * (n_s * row_weight))
         loss = loss_s.detach() * (n_s / n_b)
         if n_s < n_b:
             loss_n = self._loss(i, _take(batch, n_rows, n_b, self.args.device), n_b - n_s)
-            self._backward(loss_n * ((n_b - n_s) / n_b * scale))
+            self._backward(loss_n * ((n_b - n_s) * row_weight))
             loss = loss + loss_n.detach() * ((n_b - n_s) / n_b)
         unstash_grads(params, stash)
-        self._step_log.add(i, loss, n_s / n_b, norm)
+        self._step_log.add(i, loss, n_b, n_s, norm)
         return loss
 
     def _loss(self, i: int, batch: dict, size: int) -> torch.Tensor:
-        """Mean cross-entropy of member i on ``batch`` (BatchNorm on running stats for a 1-sample batch)."""
+        """Mean loss of member i on ``batch`` (BatchNorm on running stats for a 1-sample batch).
+
+        Cross-entropy, with ``label_smoothing_factor`` as the stock Trainer applies it.
+        """
         labels = batch_labels(batch)
         member = self.ensemble.members[i]
-        ctx = _norm_eval(member) if size == 1 else contextlib.nullcontext()
+        ctx = single_sample_norm_eval(member) if size == 1 else contextlib.nullcontext()
         with ctx, self.accelerator.autocast():
             logits = self.ensemble.member_forward(i, batch)
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
 
     def _backward(self, loss: torch.Tensor) -> None:
         # Not accelerator.backward: it also divides by its own accumulation steps; we scale explicitly.
         scaler = self.accelerator.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _unscaled(self, value: torch.Tensor) -> torch.Tensor:
+        """A gradient quantity read between a loss-scaled backward and the unscale, divided by the scale.
+
+        `GradScaler.unscale_` may run only once per optimizer step, so quantities read before it are
+        divided by the current scale instead (on device, no host sync).
+        """
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled():
+            return value
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler.get_scale()
+        return value / (scale.to(value.device) if torch.is_tensor(scale) else scale)
+
+    def _standard_labels(self, inputs: dict) -> dict:
+        """Rename the configured label column (``label_names=[name]``) to ``labels``."""
+        key = self._label_column
+        if key is not None and key in inputs and "labels" not in inputs:
+            inputs = dict(inputs)
+            inputs["labels"] = inputs.pop(key)
+        return inputs
 
     def _sam_mask(self, i: int, rows: torch.Tensor) -> torch.Tensor:
         """Bool ``(B,)``: which of member i's rows take the SAM objective this step."""
@@ -308,16 +442,78 @@ class SharpBalanceTrainer(Trainer):
 
     # -- clipping, logging --------------------------------------------------------------------------
     def _clip_grad_norm(self, model: nn.Module):
-        """Clip each member's gradient to ``max_grad_norm`` separately; return the norm of all members."""
-        self.accelerator.unscale_gradients()
+        """Clip each member's gradient to ``max_grad_norm`` separately; return the norm of all members.
+
+        The gradients are unscaled first (once per step; the scaler's step then does not unscale again).
+        `Accelerator.unscale_gradients` does this only when accelerate itself set up fp16, so a scaler
+        installed otherwise is handled here too.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(getattr(self.optimizer, "optimizer", self.optimizer))
         norms = [torch.nn.utils.clip_grad_norm_([p for p in mem.parameters() if p.grad is not None],
                                                 self.args.max_grad_norm) for mem in self.ensemble.members]
         return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        """The logged ``grad_norm`` of all members; without clipping it is read without unscaling (``/ scale``)."""
+        if grad_norm is not None:
+            return grad_norm
+        grads = [p.grad for p in self.ensemble.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return self._unscaled(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the per-member statistics of the same window
             logs.update(self._step_log.drain())
         super().log(logs, start_time)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple:
+        """``(loss, (logits (B, C), member_logits (B, m, C)), labels (B,))`` of one evaluation batch.
+
+        ``loss`` is the mean over members of each member's mean cross-entropy (no label smoothing):
+        the number to compare with a single model's loss and with the ensemble's NLL.
+        """
+        inputs = self._prepare_inputs(self._standard_labels(dict(inputs)))
+        labels = next((inputs.pop(k) for k in LABEL_KEYS if k in inputs), None)
+        for k in INDEX_KEYS:
+            inputs.pop(k, None)
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            out = self.ensemble(**inputs)
+        loss = None if labels is None else _mean_member_loss(out.member_logits, labels).detach()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, (out.logits.detach(), out.member_logits.detach()), labels
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """The stock loop, with ``{prefix}_loss`` recomputed from the gathered member logits of every row.
+
+        The stock loop averages per-batch losses, weighting each by the nominal batch size and counting
+        the rows that pad the last batch of each process; here every row counts once, so W processes
+        give the 1-process value. Loss-only evaluation still collects the (N, m, C) logits to do so.
+        """
+        loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
+        compute_metrics = self.compute_metrics
+        if loss_only:
+            self.compute_metrics = None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=False,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self.compute_metrics = compute_metrics
+        metrics = dict(output.metrics or {})
+        predictions, labels = output.predictions, output.label_ids
+        if isinstance(predictions, (tuple, list)) and len(predictions) == 2 and labels is not None:
+            member_logits = torch.as_tensor(predictions[1])
+            metrics[f"{metric_key_prefix}_loss"] = float(_mean_member_loss(member_logits, torch.as_tensor(labels)))
+        if loss_only:
+            predictions = labels = None
+        return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
+                              num_samples=output.num_samples)
 
     # -- saving and the Hub --------------------------------------------------------------------------
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
@@ -333,6 +529,46 @@ class SharpBalanceTrainer(Trainer):
         return self.ensemble.push_to_hub(
             repo_id, config=self.args, metrics=metrics or None, token=token or self.args.hub_token,
             private=self.args.hub_private_repo, commit_message=commit_message or "Upload ensemble", **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The stock save, with the ensemble's weights written by `safetensors.torch.save_model`.
+
+        A member whose state dict holds two names for one tensor (an output layer tied to an embedding)
+        would make `safetensors.torch.save_file` refuse; `save_model` writes each shared tensor once.
+        """
+        ensemble = self.ensemble
+        if state_dict is not None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            safetensors.torch.save_model(ensemble, os.path.join(output_dir, SAFE_WEIGHTS_NAME),
+                                         metadata={"format": "pt"})
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def _load_ensemble_weights(self, folder: str) -> None:
+        """Load the weights `_save` wrote in ``folder`` (strict; shared tensors stay shared)."""
+        path = os.path.join(folder, SAFE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint: {folder} holds no {SAFE_WEIGHTS_NAME}; pass a checkpoint folder "
+                             "written by SharpBalanceTrainer (output_dir/checkpoint-<step>)")
+        try:
+            safetensors.torch.load_model(self.ensemble, path, strict=True, device=str(self.args.device))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise ValueError(
+                f"resume_from_checkpoint: the weights in {path} do not fit this ensemble (a different model, width, "
+                f"number of classes or num_members?): {first[0] if first else err} "
+                "Build the ensemble exactly as for the run that wrote the checkpoint.") from None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._load_ensemble_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_ensemble_weights(self.state.best_model_checkpoint)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
@@ -383,10 +619,48 @@ def _check_inputs(model, args, train_dataset, score_dataset) -> None:
                          f"got {len(score_dataset)}")
 
 
-def _default_compute_metrics(args: SharpBalanceConfig):
-    from .metrics import make_compute_metrics
+def _check_transform_columns(args: SharpBalanceConfig, **datasets_by_name) -> None:
+    """Refuse an HF dataset with an on-the-fly transform while ``remove_unused_columns=True``.
 
-    return make_compute_metrics(reduction=args.ensemble_reduction)
+    The Trainer would drop the raw columns (e.g. ``img``) that the transform reads before it runs.
+    """
+    if not args.remove_unused_columns:
+        return
+    for name, dataset in datasets_by_name.items():
+        for ds in (dataset.values() if isinstance(dataset, dict) else [dataset]):
+            fmt = getattr(ds, "format", None)
+            if isinstance(fmt, dict) and fmt.get("type") == "custom":
+                raise ValueError(
+                    f"SharpBalanceConfig.remove_unused_columns=True would drop the columns that the transform of "
+                    f"{name} (set by with_transform/set_transform) reads; set remove_unused_columns=False.")
+
+
+def _set_reduction(model: EnsembleModel, args: SharpBalanceConfig) -> None:
+    """Make ``ensemble_reduction`` the ensemble's own reduction: evaluation, saving and the card then agree."""
+    if args.ensemble_reduction is None:
+        return
+    if model.reduction != args.ensemble_reduction:
+        logger.info("SharpBalanceConfig.ensemble_reduction=%r replaces the ensemble's reduction %r.",
+                    args.ensemble_reduction, model.reduction)
+        model.reduction = args.ensemble_reduction
+
+
+def _label_column(args: SharpBalanceConfig) -> str | None:
+    """The label column named by ``label_names`` (one name, or None for the standard columns)."""
+    names = args.label_names
+    if not names:
+        return None
+    if len(names) != 1:
+        raise ValueError(f"SharpBalanceConfig.label_names must name one label column (classification); got {names!r}")
+    return None if names[0] == "labels" else names[0]
+
+
+def _mean_member_loss(member_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over members of each member's mean cross-entropy: member logits ``(N, m, C)``, labels ``(N,)``."""
+    n, m, c = member_logits.shape
+    labels = labels.to(member_logits.device).long().reshape(-1)
+    per_row = F.cross_entropy(member_logits.float().reshape(n * m, c), labels.repeat_interleave(m), reduction="none")
+    return per_row.view(n, m).mean()
 
 
 def _take(batch: dict, rows: torch.Tensor, total: int, device: torch.device) -> dict:
@@ -405,27 +679,13 @@ def _take(batch: dict, rows: torch.Tensor, total: int, device: torch.device) -> 
     return {k: pick(v) for k, v in batch.items()}
 
 
-@contextlib.contextmanager
-def _norm_eval(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in eval mode (running statistics) inside the block: batch statistics of 1 sample are undefined."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training]
-    for m in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.train()
-
-
-def _all_reduce_mean_grads(ensemble: nn.Module) -> None:
-    """Average ``.grad`` over processes with one flat all-reduce."""
+def _all_reduce_sum_grads(ensemble: nn.Module) -> None:
+    """Sum ``.grad`` over processes with one flat all-reduce (each process holds its rows' share of the mean)."""
     grads = [p.grad for p in ensemble.parameters() if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
