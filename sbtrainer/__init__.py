@@ -27,19 +27,26 @@ _LAZY = {
     "EnsembleOutput": "ensemble",
     "SharpBalanceConfig": "config",
     "SharpBalanceTrainer": "trainer",
-    "SharpnessScoringCallback": "callbacks",
+    "score_members": "scoring",
     "partition": "partition",
     "per_sample_sharpness": "scoring",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "EnsembleModel",
+    "EnsembleOutput",
+    "SharpBalanceConfig",
+    "SharpBalanceTrainer",
+    "partition",
+    "per_sample_sharpness",
+    "score_members",
+]
 
 if TYPE_CHECKING:
-    from .callbacks import SharpnessScoringCallback
     from .config import SharpBalanceConfig
     from .ensemble import EnsembleModel, EnsembleOutput
     from .partition import partition
-    from .scoring import per_sample_sharpness
+    from .scoring import per_sample_sharpness, score_members
     from .trainer import SharpBalanceTrainer
 
 

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .modeling import call_member, member_input_names, model_inputs
+from .hub import EnsembleHubMixin
+from .modeling import (
+    MemberLoss,
+    call_member,
+    cross_entropy_per_sample,
+    is_hf_model,
+    mean_member_loss,
+    member_input_names,
+    model_inputs,
+)
 
 REDUCTIONS = ("logits", "probs")
 
@@ -52,7 +61,7 @@ def reduce_member_logits(member_logits: torch.Tensor, reduction: str = "logits")
     raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
 
 
-class EnsembleModel(nn.Module):
+class EnsembleModel(EnsembleHubMixin, nn.Module):
     """An ensemble of classifiers.
 
     Args:
@@ -61,6 +70,9 @@ class EnsembleModel(nn.Module):
         reduction: ``"logits"`` or ``"probs"`` (see :func:`reduce_member_logits`).
         input_name: batch column of a plain member's input.
         seeds: the seed each member was built with (recorded in saved configs).
+        loss_fn: THE member loss, per-sample ``(logits (B, C), labels (B,)) -> (B,)`` (default cross-entropy):
+            `SharpBalanceTrainer` trains (adding ``label_smoothing_factor`` to the default) and evaluates with it,
+            and ``forward`` returns the sum over members of its batch mean. Not saved: pass it again after loading.
     """
 
     def __init__(
@@ -69,6 +81,7 @@ class EnsembleModel(nn.Module):
         reduction: str = "logits",
         input_name: str = "pixel_values",
         seeds: Sequence[int] | None = None,
+        loss_fn: MemberLoss | None = None,
     ) -> None:
         super().__init__()
         if len(members) < 1:
@@ -81,6 +94,7 @@ class EnsembleModel(nn.Module):
         self.reduction = reduction
         self.input_name = input_name
         self.seeds = list(seeds) if seeds is not None else None
+        self.loss_fn: MemberLoss = loss_fn if loss_fn is not None else cross_entropy_per_sample
 
     @classmethod
     def from_factory(
@@ -108,6 +122,14 @@ class EnsembleModel(nn.Module):
     def num_members(self) -> int:
         return len(self.members)
 
+    @property
+    def main_input_name(self) -> str:
+        """The batch column holding the inputs (the first HF member's ``main_input_name``, else ``input_name``)."""
+        for member in self.members:
+            if is_hf_model(member):
+                return member.main_input_name
+        return self.input_name
+
     def input_names(self) -> list[str]:
         """Batch columns the members consume (kept by the Trainer's ``remove_unused_columns``)."""
         names: list[str] = []
@@ -124,35 +146,13 @@ class EnsembleModel(nn.Module):
         """Run every member on the batch.
 
         Returns ``EnsembleOutput`` with ``logits`` ``(B, C)``, ``member_logits`` ``(B, m, C)`` and, when
-        ``labels`` ``(B,)`` is given, ``loss`` = sum over members of the member's mean cross-entropy.
+        ``labels`` ``(B,)`` is given, ``loss`` = sum over members of the batch mean of ``loss_fn`` (so that
+        ``loss.backward()`` gives every member exactly its own gradient).
         """
         member_logits = torch.stack([self.member_forward(i, inputs) for i in range(self.num_members)], dim=1)
         loss = None
         if labels is not None:
-            flat = member_logits.reshape(-1, member_logits.shape[-1]).float()
-            per_sample = F.cross_entropy(flat, labels.repeat_interleave(self.num_members), reduction="none")
-            loss = per_sample.view(-1, self.num_members).mean(dim=0).sum()
+            loss = sum(mean_member_loss(self.loss_fn, member_logits[:, i], labels) for i in range(self.num_members))
         return EnsembleOutput(
             loss=loss, logits=reduce_member_logits(member_logits, self.reduction), member_logits=member_logits
         )
-
-    # -- persistence (implemented in sbtrainer.hub) -------------------------------------------------
-    def save_pretrained(self, save_directory: str, **kwargs) -> str:
-        """Save the ensemble as one folder (config, model card, ``member_<i>/``); see `sbtrainer.hub.save_ensemble`."""
-        from .hub import save_ensemble
-
-        return save_ensemble(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, factory: Callable[[int], nn.Module] | None = None,
-                        **kwargs) -> EnsembleModel:
-        """Load a saved ensemble from a folder or a Hub repo; see `sbtrainer.hub.load_ensemble`."""
-        from .hub import load_ensemble
-
-        return load_ensemble(path_or_repo_id, factory=factory, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Save to a temporary folder and upload it as one commit; see `sbtrainer.hub.push_ensemble_to_hub`."""
-        from .hub import push_ensemble_to_hub
-
-        return push_ensemble_to_hub(self, repo_id, **kwargs)

@@ -302,7 +302,7 @@ def batch_scores_hooks(member: nn.Module, x: torch.Tensor, labels: torch.Tensor,
         if loss_fn is None:
             loss = F.cross_entropy(logits, labels, reduction="sum")
         else:
-            loss = torch.stack([loss_fn(logits[j : j + 1], labels[j : j + 1]) for j in range(labels.shape[0])]).sum()
+            loss = torch.stack([loss_fn(logits[j : j + 1], labels[j : j + 1]).sum() for j in range(labels.shape[0])]).sum()
         graph = _Graph(loss.grad_fn)
         reached = _check_uses(member, owners, calls, graph)
         # A backward to x runs only the nodes on a path to x; an owner whose output does not lead to x (its input is

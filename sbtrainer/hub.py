@@ -2,9 +2,13 @@
 
 Layout (``FORMAT_VERSION`` 1)::
 
-    ensemble_config.json    format, method, SharpBalance hyper-parameters, member seeds, reduction,
-                            input_name, number and kinds of members, how to rebuild each member
-    README.md               model card (method, hyper-parameters, metrics, the paper's citation)
+    ensemble_config.json    format, method (null if saved without a config), member seeds (null if not
+                            known), reduction, input_name, number and kinds of members, how to rebuild
+                            each member, and the training config's hyper-parameters ({} without a
+                            config; the fields that describe the ensemble itself, num_members and
+                            ensemble_reduction, are taken from the ensemble, not the config)
+    README.md               model card: what the ensemble is (members, kinds, reduction, seeds), the
+                            method and hyper-parameters, metrics, usage, the paper's citation
     member_<i>/             one folder per member:
         transformers  ->    ``save_pretrained`` output: loads alone with
                             ``AutoModelForSequenceClassification.from_pretrained(dir, subfolder="member_0")``
@@ -13,12 +17,19 @@ Layout (``FORMAT_VERSION`` 1)::
                             that timm's own format cannot express); a plain timm model also gets timm's
                             config.json, so ``timm.create_model("local-dir:<dir>", pretrained=True)`` loads it
         module        ->    model.safetensors + sbtrainer_member.json; rebuilt from its build recipe when
-                            it has one, else by ``factory(seed)`` given to :func:`load_ensemble`
+                            it has one, else by ``factory(seed)`` given to `EnsembleModel.from_pretrained`
+
+Everything recorded about a member describes it as it is when saved, not as it was built: the
+recipe and timm arguments are read from the live model (so ``reset_classifier(3)`` after building
+with 10 classes saves 3), and a module rebuilt from them must have the member's tensors, shapes and
+settings, else the save is refused with a ``ValueError`` that lists the differences. Tied weights
+(several ``state_dict`` names for one tensor) are written once, recorded in ``sbtrainer_member.json``
+(``tied``) and tied again on load.
 
 :func:`save_ensemble` writes a temporary sibling folder and renames it into place, so a failed save
 leaves no half-written folder (and an existing ensemble folder is only replaced once the new one is
 complete). :func:`push_ensemble_to_hub` saves to a temporary folder and uploads it in one commit.
-:func:`load_ensemble` takes a local folder or a Hub repo id; offline, a repo id fails at once with
+`EnsembleModel.from_pretrained` takes a local folder or a Hub repo id; offline, a repo id fails at once with
 :class:`HubUnreachableError`, which says how to pass a local path instead.
 """
 
@@ -27,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import json
 import logging
@@ -41,9 +53,18 @@ from typing import Any
 
 from torch import nn
 
-from .ensemble import EnsembleModel
 from .modeling import is_hf_model
-from .models import build_from_recipe, build_recipe, is_timm_model
+from .models import (
+    BUILDERS,
+    architecture_differences,
+    architecture_summary,
+    build_from_recipe,
+    build_on_meta,
+    current_recipe,
+    is_timm_model,
+    tied_groups,
+    timm_model_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +114,7 @@ def config_fields(config: Any) -> dict[str, Any]:
     """The hyper-parameters recorded for ``config``: SharpBalanceConfig's own fields and key training fields.
 
     ``config`` is a `SharpBalanceConfig` (or any `TrainingArguments`), a dict (kept as is) or None (``{}``).
+    :func:`save_ensemble` then drops :data:`ENSEMBLE_FIELDS`, which the ensemble itself states.
     """
     if config is None:
         return {}
@@ -108,30 +130,29 @@ def config_fields(config: Any) -> dict[str, Any]:
     return dict(_jsonable({n: v.value if isinstance(v, enum.Enum) else v for n, v in values.items()}))
 
 
-def _member_seeds(ensemble: EnsembleModel, fields: Mapping[str, Any]) -> list[int]:
+ENSEMBLE_FIELDS = ("num_members", "ensemble_reduction")
+"""Config fields that describe the ensemble itself: the saved ensemble is their one source (its
+``num_members`` and ``reduction``), so they are left out of the recorded config."""
+
+
+def _ensemble_fields_dropped(ensemble: EnsembleHubMixin, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without :data:`ENSEMBLE_FIELDS`; a value that disagrees with the ensemble is logged."""
+    truth = {"num_members": ensemble.num_members, "ensemble_reduction": ensemble.reduction}
+    for name in ENSEMBLE_FIELDS:
+        if name in fields and fields[name] != truth[name]:
+            logger.warning("save_ensemble: config.%s=%r differs from the ensemble being saved (%r); the saved "
+                           "folder records and uses the ensemble's value", name, fields[name], truth[name])
+    return {k: v for k, v in fields.items() if k not in ENSEMBLE_FIELDS}
+
+
+def _member_seeds(ensemble: EnsembleHubMixin, fields: Mapping[str, Any]) -> list[int] | None:
+    """The members' seeds: the ensemble's, else the config's ``member_seeds``, else None (not recorded)."""
     if ensemble.seeds is not None:
         return [int(s) for s in ensemble.seeds]
     seeds = fields.get("member_seeds")
     if isinstance(seeds, list) and len(seeds) == ensemble.num_members:
         return [int(s) for s in seeds]
-    return list(range(ensemble.num_members))
-
-
-def _timm_model_args(member: nn.Module) -> dict[str, Any]:
-    """timm's reconstruction arguments of ``member`` (JSON-serialisable ones only)."""
-    try:
-        from timm.models._input import get_model_args  # timm >= 1.0.2x records the create_model arguments
-
-        args = get_model_args(member)
-    except (ImportError, AttributeError, TypeError, ValueError):
-        args = {"num_classes": getattr(member, "num_classes", None)}
-    out = {}
-    for k, v in args.items():
-        try:
-            out[k] = json.loads(json.dumps(v))
-        except (TypeError, ValueError):
-            logger.debug("timm model arg %s=%r is not serialisable: not recorded", k, v)
-    return out
+    return None
 
 
 def member_kind(member: nn.Module) -> str:
@@ -144,28 +165,96 @@ def member_kind(member: nn.Module) -> str:
 # ----------------------------------------------------------------------------- save
 
 
-def _save_member(member: nn.Module, folder: Path, index: int, seed: int) -> dict[str, Any]:
-    """Write member ``index`` into ``folder``; return its entry of ``ensemble_config.json["members"]``."""
+def _save_member(member: nn.Module, folder: Path, index: int, seed: int | None) -> dict[str, Any]:
+    """Write member ``index`` into ``folder``; return its entry of ``ensemble_config.json["members"]``.
+
+    What is recorded describes the member as it is now, not as it was built: the build recipe is
+    refreshed (:func:`sbtrainer.models.current_recipe`) and timm's arguments are read from the live
+    model, then a module rebuilt from them (on the meta device) is compared with the member; if
+    they differ (a change no recipe records, e.g. a hand-replaced head), the save is refused with a
+    ``ValueError`` that lists the differences, instead of writing a folder that does not load.
+    Names that share one tensor (tied weights) are recorded as ``tied`` and tied again on load.
+    """
     kind = member_kind(member)
     info: dict[str, Any] = {"index": index, "subfolder": folder.name, "seed": seed, "kind": kind,
                             "class": f"{type(member).__module__}.{type(member).__qualname__}"}
     if kind == "transformers":
+        _check_transformers_config(member, folder.name)
         member.save_pretrained(str(folder))
         info["architecture"] = type(member).__name__
         info["model_type"] = getattr(member.config, "model_type", None)
         return info
     import safetensors.torch
 
-    folder.mkdir(parents=True)
-    safetensors.torch.save_model(member, str(folder / WEIGHTS_NAME))
-    info["builder"] = build_recipe(member)
+    info["builder"] = current_recipe(member)
     if kind == "timm":
         info["architecture"] = member.pretrained_cfg["architecture"]
-        info["model_args"] = _timm_model_args(member)
-        if info["builder"] is None or info["builder"]["builder"] == "timm_model":
-            _write_timm_config(member, folder)
+        info["model_args"] = timm_model_args(member)
+    info["tied"] = tied_groups(member)
+    if info["builder"] is not None or kind == "timm":
+        _check_rebuilds(member, info)
+    folder.mkdir(parents=True)
+    safetensors.torch.save_model(member, str(folder / WEIGHTS_NAME))
+    if kind == "timm" and (info["builder"] is None or info["builder"]["builder"] == "timm_model"):
+        _write_timm_config(member, folder)
     (folder / MEMBER_CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _check_rebuilds(member: nn.Module, info: Mapping[str, Any]) -> None:
+    """Refuse to save ``member`` if what ``info`` records does not rebuild its architecture."""
+    recipe = info.get("builder")
+    if recipe and recipe.get("builder") not in BUILDERS:
+        logger.warning("save_ensemble: %s was built by %r, which is not registered here, so the saved recipe is not "
+                       "checked; loading needs that builder registered (sbtrainer.models.register_builder) or factory=",
+                       info["subfolder"], recipe.get("builder"))
+        return
+    keys = ("kind", "builder", "architecture", "model_args", "tied")
+    try:
+        rebuilt = _rebuilt_summary(json.dumps({k: info.get(k) for k in keys}, sort_keys=True))
+    except Exception as err:
+        raise ValueError(f"save_ensemble: {info['subfolder']} ({info['class']}) cannot be rebuilt from what the folder "
+                         f"would record ({recipe or info.get('model_args')}), so it would not load back: "
+                         f"{type(err).__name__}: {err}") from err
+    diffs = architecture_differences(member, rebuilt)
+    if diffs:
+        how = (f"build recipe {info['builder']}" if info.get("builder") else
+               f"timm.create_model({info['architecture']!r}, **{info.get('model_args', {})})")
+        raise ValueError(
+            f"save_ensemble: {info['subfolder']} ({info['class']}) was changed after it was built, and what the "
+            f"folder would record ({how}) rebuilds a different module, so it would not load back: "
+            + "; ".join(diffs) + ". "
+            "Make the change with the model's own API (timm: reset_classifier(n), set_input_size(...)), or "
+            "build the member with the new arguments and load the trained weights into it, or register a "
+            "builder (sbtrainer.models.register_builder) that builds this architecture."
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _rebuilt_summary(info_json: str) -> dict[str, Any]:
+    """`architecture_summary` of the module the member entry ``info_json`` rebuilds (meta device; cached:
+    members of one ensemble usually share one recipe). Read only."""
+    info = {**json.loads(info_json), "subfolder": "", "class": "", "seed": 0}
+    rebuilt = build_on_meta(lambda: _rebuild_member(info, None))
+    _apply_ties(rebuilt, info.get("tied") or [])
+    return architecture_summary(rebuilt)
+
+
+def _check_transformers_config(member: nn.Module, name: str) -> None:
+    """Refuse to save a transformers member whose ``config`` no longer builds its tensors (e.g. a replaced head)."""
+    try:
+        rebuilt = build_on_meta(lambda: type(member)(member.config))
+    except Exception as err:  # a model class that cannot be built from its config alone: nothing to compare
+        logger.debug("%s: %s(config) failed (%s); config not checked", name, type(member).__name__, err)
+        return
+    diffs = architecture_differences(member, rebuilt, settings=False)
+    if diffs:
+        raise ValueError(
+            f"save_ensemble: {name} ({type(member).__name__}) no longer matches its config, so "
+            f"from_pretrained would not load it back: " + "; ".join(diffs) + ". Update member.config to "
+            "describe the model (e.g. config.num_labels, id2label and label2id after replacing the classifier) "
+            "and save again."
+        )
 
 
 def _write_timm_config(member: nn.Module, folder: Path) -> None:
@@ -180,34 +269,62 @@ def _write_timm_config(member: nn.Module, folder: Path) -> None:
         logger.warning("timm config.json not written for %s (%s); the member still loads with sbtrainer", folder.name, err)
 
 
-def _card(method: str, fields: Mapping[str, Any], meta: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> str:
-    """The model card: `sbtrainer.report.model_card` plus a usage section before the citation."""
+def _member_description(info: Mapping[str, Any]) -> str:
+    """One line saying what member ``info`` (an entry of ``ensemble_config.json["members"]``) is."""
+    if info["kind"] == "transformers":
+        text = f"transformers `{info['architecture']}`" + (f" ({info['model_type']})" if info.get("model_type") else "")
+    elif info["kind"] == "timm":
+        text = f"timm `{info['architecture']}`"
+    else:
+        text = f"`{info['class']}`"
+    recipe = info.get("builder")
+    if recipe:
+        args = ", ".join(f"{k}={v!r}" for k, v in recipe.get("kwargs", {}).items())
+        text += f", built by `sbtrainer.models.{recipe['builder']}({args})`"
+    elif info["kind"] == "timm":
+        args = ", ".join(f"{k}={v!r}" for k, v in info.get("model_args", {}).items())
+        text += f", `timm.create_model({info['architecture']!r}, {args})`"
+    return text
+
+
+def _card(method: str | None, fields: Mapping[str, Any], meta: Mapping[str, Any],
+          metrics: Mapping[str, Any] | None) -> str:
+    """The model card: `sbtrainer.report.model_card` with the ensemble's own facts, plus a usage section."""
     from .report import model_card
 
-    hparams = {"num_members": meta["num_members"], "member_seeds": meta["member_seeds"],
-               "ensemble_reduction": meta["reduction"], **fields}
-    name = f"{method} ensemble" if method != "ensemble" else "sbtrainer ensemble"
-    card = model_card(method, hparams, metrics=metrics or None, base_model=meta["base_model"], model_name=name)
+    seeds = meta["member_seeds"]
+    ensemble = {
+        "reduction": meta["reduction"],
+        "input_name": meta["input_name"] if any(k != "transformers" for k in meta["member_kinds"]) else None,
+        "members": [{"name": info["subfolder"], "kind": info["kind"], "architecture": _member_description(info),
+                     "seed": None if seeds is None else seeds[i]} for i, info in enumerate(meta["members"])],
+    }
+    name = f"{method} ensemble" if method else "sbtrainer ensemble"
+    card = model_card(method, fields, metrics=metrics or None, base_model=meta["base_model"], model_name=name,
+                      ensemble=ensemble)
     kinds = meta["member_kinds"]
     usage = (
         "## Usage\n\n```python\nfrom sbtrainer import EnsembleModel\n\n"
         'ensemble = EnsembleModel.from_pretrained("<this repo id or folder>")'
         + ("  # factory=lambda seed: MyNet() for plain-module members" if "module" in kinds else "")
         + "\nout = ensemble(**batch)  # out.logits (B, C), out.member_logits (B, m, C)\n```\n\n"
-        f"Members: {len(kinds)} ({', '.join(sorted(set(kinds)))}), one folder each (`member_<i>/`).\n"
+        f"The loaded ensemble combines its members with `reduction=\"{meta['reduction']}\"`, as saved. "
+        "Each member is a folder `member_<i>/`.\n"
     )
     head, sep, tail = card.partition("## Citation")
     return head + usage + "\n" + sep + tail if sep else card + "\n" + usage
 
 
-def _write_ensemble(ensemble: EnsembleModel, folder: Path, config: Any, metrics: Mapping[str, Any] | None,
-                    base_model: str | None, processor: Any = None) -> None:
+def _write_ensemble(ensemble: EnsembleHubMixin, folder: Path, config: Any, metrics: Mapping[str, Any] | None,
+                    base_model: str | None, processor: Any = None, model_card: str | None = None) -> None:
     from . import __version__
 
-    fields = config_fields(config)
-    method = str(fields.get("ensemble_method") or "ensemble")
+    fields = _ensemble_fields_dropped(ensemble, config_fields(config))
+    method = fields.get("ensemble_method") or None
+    method = str(method) if method is not None else None
     seeds = _member_seeds(ensemble, fields)
-    members = [_save_member(m, folder / f"member_{i}", i, seeds[i]) for i, m in enumerate(ensemble.members)]
+    members = [_save_member(m, folder / f"member_{i}", i, None if seeds is None else seeds[i])
+               for i, m in enumerate(ensemble.members)]
     kinds = [m["kind"] for m in members]
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "sbtrainer_version": __version__,
@@ -216,7 +333,7 @@ def _write_ensemble(ensemble: EnsembleModel, folder: Path, config: Any, metrics:
         "base_model": base_model, "config": fields, "metrics": _jsonable(dict(metrics or {})), "members": members,
     }
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-    (folder / CARD_NAME).write_text(_card(method, fields, meta, metrics))
+    (folder / CARD_NAME).write_text(model_card if model_card is not None else _card(method, fields, meta, metrics))
     if processor is not None:
         processor.save_pretrained(str(folder))
 
@@ -245,13 +362,14 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 
 
 def save_ensemble(
-    ensemble: EnsembleModel,
+    ensemble: EnsembleHubMixin,
     save_directory: str | os.PathLike,
     *,
     config: Any = None,
     metrics: Mapping[str, Any] | None = None,
     base_model: str | None = None,
     processor: Any = None,
+    model_card: str | None = None,
 ) -> str:
     """Save ``ensemble`` as one folder (see the module docstring); return the folder's path.
 
@@ -265,8 +383,18 @@ def save_ensemble(
         base_model: the pretrained checkpoint the members started from (model card metadata).
         processor: a tokenizer or image processor, saved at the folder's root with its ``save_pretrained``
             (so ``AutoTokenizer.from_pretrained(folder)`` loads it).
+        model_card: the README.md text, written as given; by default it is built from the recorded data
+            (`sbtrainer.report.model_card`: method, hyper-parameters, metrics, members, citation).
+
+    The reduction saved (config, model card, and used on load) is ``ensemble.reduction``; a config
+    whose ``ensemble_reduction`` or ``num_members`` differs is logged and not recorded.
+
+    Raises:
+        ValueError: a member changed after it was built in a way its recipe, timm arguments or
+            transformers config cannot rebuild (the message lists the differing tensors/settings).
+        FileExistsError: ``save_directory`` is a file or a non-empty folder that holds no saved ensemble.
     """
-    if not isinstance(ensemble, EnsembleModel):
+    if not isinstance(ensemble, EnsembleHubMixin):
         raise TypeError(f"save_ensemble: ensemble must be an EnsembleModel; got {type(ensemble).__name__}")
     target = Path(save_directory).expanduser().absolute()
     _check_target(target)
@@ -274,7 +402,7 @@ def save_ensemble(
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        _write_ensemble(ensemble, tmp, config, metrics, base_model, processor)
+        _write_ensemble(ensemble, tmp, config, metrics, base_model, processor, model_card)
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +446,7 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None) -> P
         return Path(snapshot_download(repo_id=repo_id, revision=revision, token=token, repo_type="model"))
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as err:
         raise FileNotFoundError(
-            f"load_ensemble: {repo_id!r} is not a local folder, and the Hub has no accessible model repo "
+            f"from_pretrained: {repo_id!r} is not a local folder, and the Hub has no accessible model repo "
             f"{repo_id!r}{f' at revision {revision!r}' if revision else ''} ({type(err).__name__}). Check the id, "
             "log in for a private or gated repo (`hf auth login` or HF_TOKEN), or pass the local path of a folder "
             "written by EnsembleModel.save_pretrained."
@@ -326,7 +454,7 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None) -> P
     except _offline_errors() as err:
         why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached from this machine"
         raise HubUnreachableError(
-            f"load_ensemble: {repo_id!r} is not a local folder, and the Hugging Face Hub is unreachable ({why}; no "
+            f"from_pretrained: {repo_id!r} is not a local folder, and the Hugging Face Hub is unreachable ({why}; no "
             f"cached copy of {repo_id!r}). To load a saved ensemble offline, pass the local path of the folder "
             "written by save_pretrained, e.g. EnsembleModel.from_pretrained('./outputs/run/ensemble') (a path "
             "starting with ./ or / is never taken as a repo id). To download it, go online (unset HF_HUB_OFFLINE)."
@@ -341,22 +469,22 @@ def resolve_ensemble_folder(path_or_repo_id: str | os.PathLike, revision: str | 
         return path
     name = str(path_or_repo_id)
     if path.exists():
-        raise NotADirectoryError(f"load_ensemble: {name} is a file; pass the folder written by save_pretrained")
+        raise NotADirectoryError(f"from_pretrained: {name} is a file; pass the folder written by save_pretrained")
     if _looks_like_path(name):
-        raise FileNotFoundError(f"load_ensemble: no folder at {name!r} (and it is not a Hub repo id 'owner/name')")
+        raise FileNotFoundError(f"from_pretrained: no folder at {name!r} (and it is not a Hub repo id 'owner/name')")
     return _download(name, revision, token)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"load_ensemble: {folder} holds no {CONFIG_NAME}; it was not written by "
+        raise FileNotFoundError(f"from_pretrained: {folder} holds no {CONFIG_NAME}; it was not written by "
                                 "EnsembleModel.save_pretrained")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"load_ensemble: {path} has format {meta.get('format')!r}; expected {FORMAT_NAME!r}")
+        raise ValueError(f"from_pretrained: {path} has format {meta.get('format')!r}; expected {FORMAT_NAME!r}")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"load_ensemble: {path} has format_version {meta['format_version']}, newer than this "
+        raise ValueError(f"from_pretrained: {path} has format_version {meta['format_version']}, newer than this "
                          f"sbtrainer reads ({FORMAT_VERSION}); upgrade sbtrainer")
     return meta
 
@@ -373,8 +501,8 @@ def _load_transformers_member(folder: Path) -> nn.Module:
 
 def _rebuild_member(info: Mapping[str, Any], factory: Factory | None) -> nn.Module:
     """An un-trained module of member ``info``'s architecture: ``factory(seed)``, its build recipe, or timm."""
-    if factory is not None:
-        return factory(int(info["seed"]))
+    if factory is not None:  # a member saved without a known seed gets its index
+        return factory(int(info["seed"] if info.get("seed") is not None else info["index"]))
     if info.get("builder"):
         return build_from_recipe(info["builder"])
     if info["kind"] == "timm":
@@ -382,41 +510,73 @@ def _rebuild_member(info: Mapping[str, Any], factory: Factory | None) -> nn.Modu
 
         return timm.create_model(info["architecture"], pretrained=False, **info.get("model_args", {}))
     raise ValueError(
-        f"load_ensemble: {info['subfolder']} is a plain nn.Module ({info['class']}) saved without a build recipe, "
+        f"from_pretrained: {info['subfolder']} is a plain nn.Module ({info['class']}) saved without a build recipe, "
         "so its architecture cannot be rebuilt from the folder. Pass factory=<seed -> nn.Module> that builds the "
         "same architecture, e.g. EnsembleModel.from_pretrained(path, factory=lambda seed: MyNet()), or build members "
         "with a builder of sbtrainer.models (register_builder) so the recipe is saved."
     )
 
 
+def _set_tensor(module: nn.Module, name: str, tensor: Any) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, tensor)
+
+
+def _apply_ties(module: nn.Module, groups: list[list[str]]) -> None:
+    """Give ``module`` exactly the tied groups ``groups`` (state_dict names holding one tensor).
+
+    A group tied in ``module`` but not in ``groups`` is untied (each name gets its own copy); each
+    recorded group is tied to its first name's tensor. Tensors are not loaded here: the weights file,
+    which holds one tensor per group, is loaded afterwards.
+    """
+    wanted = {tuple(g) for g in groups}
+    tensors = module.state_dict(keep_vars=True)
+    for group in tied_groups(module):
+        if tuple(group) not in wanted:
+            for name in group[1:]:
+                old = tensors[name]
+                copy = nn.Parameter(old.detach().clone(), old.requires_grad) if isinstance(old, nn.Parameter) else old.clone()
+                _set_tensor(module, name, copy)
+    tensors = module.state_dict(keep_vars=True)
+    for group in groups:
+        missing = [n for n in group if n not in tensors]
+        if missing:
+            raise ValueError(f"from_pretrained: tied tensors {missing} are not in the rebuilt {type(module).__name__}")
+        for name in group[1:]:
+            _set_tensor(module, name, tensors[group[0]])
+
+
 def _load_member(folder: Path, info: Mapping[str, Any], factory: Factory | None) -> nn.Module:
     kind = info["kind"]
     if kind not in MEMBER_KINDS:
-        raise ValueError(f"load_ensemble: {folder.name} has unknown member kind {kind!r}; expected {MEMBER_KINDS}")
+        raise ValueError(f"from_pretrained: {folder.name} has unknown member kind {kind!r}; expected {MEMBER_KINDS}")
     if kind == "transformers":
         return _load_transformers_member(folder)
     import safetensors.torch
 
     module = _rebuild_member(info, factory)
+    _apply_ties(module, info.get("tied", []))
     try:
         missing, unexpected = safetensors.torch.load_model(module, str(folder / WEIGHTS_NAME), strict=False)
     except RuntimeError as err:  # shape mismatch
-        raise ValueError(f"load_ensemble: the weights of {folder.name} do not fit the rebuilt module "
+        raise ValueError(f"from_pretrained: the weights of {folder.name} do not fit the rebuilt module "
                          f"{type(module).__name__}: {err}") from err
     if missing or unexpected:
-        raise ValueError(f"load_ensemble: the weights of {folder.name} do not fit the rebuilt module "
+        raise ValueError(f"from_pretrained: the weights of {folder.name} do not fit the rebuilt module "
                          f"{type(module).__name__}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return module.eval()
 
 
-def load_ensemble(
+def read_ensemble(
     path_or_repo_id: str | os.PathLike,
     *,
     factory: Factory | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-) -> EnsembleModel:
-    """Load an ensemble written by :func:`save_ensemble` from a local folder or a Hub repo.
+) -> tuple[list[nn.Module], dict[str, Any]]:
+    """The members (in eval mode, on the CPU) and the parsed ``ensemble_config.json`` of a saved ensemble.
+
+    `EnsembleModel.from_pretrained` builds the ensemble from them (reduction, input_name, seeds from the config).
 
     Args:
         path_or_repo_id: a folder, or a Hub model repo id ``owner/name`` (downloaded with ``snapshot_download``).
@@ -425,27 +585,48 @@ def load_ensemble(
             member when given.
         revision, token: passed to ``snapshot_download`` for a repo id.
 
-    Returns the `EnsembleModel` in eval mode, on the CPU, with the saved reduction, input_name and seeds;
-    ``ensemble.saved_config`` holds the parsed ``ensemble_config.json``.
-
     Raises:
         HubUnreachableError: a repo id while offline or without network (fails at once, no retries).
         FileNotFoundError: no such folder or repo; ValueError: a member that cannot be rebuilt.
     """
     folder = resolve_ensemble_folder(path_or_repo_id, revision, token)
     meta = _read_config(folder)
-    members = [_load_member(folder / info["subfolder"], info, factory) for info in meta["members"]]
-    ensemble = EnsembleModel(members, reduction=meta["reduction"], input_name=meta["input_name"],
-                             seeds=meta["member_seeds"])
-    ensemble.saved_config = meta
-    return ensemble.eval()
+    members = [_load_member(folder / info["subfolder"], info, factory).eval() for info in meta["members"]]
+    return members, meta
+
+
+class EnsembleHubMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` of the ensemble folder format.
+
+    Mixed into `EnsembleModel` (as transformers mixes `PushToHubMixin` into `PreTrainedModel`): the format
+    knows nothing of the class it builds (``cls``), so the dependency runs one way, ensemble -> hub.
+    """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> str:
+        """Save the ensemble as one folder (config, model card, ``member_<i>/``); see :func:`save_ensemble`."""
+        return save_ensemble(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, factory: Factory | None = None, **kwargs):
+        """Load a saved ensemble from a folder or a Hub repo (see :func:`read_ensemble`), in eval mode on the CPU.
+
+        ``ensemble.saved_config`` holds the parsed ``ensemble_config.json``.
+        """
+        members, meta = read_ensemble(path_or_repo_id, factory=factory, **kwargs)
+        ensemble = cls(members, reduction=meta["reduction"], input_name=meta["input_name"], seeds=meta["member_seeds"])
+        ensemble.saved_config = meta
+        return ensemble.eval()
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Save to a temporary folder and upload it as one commit; see :func:`push_ensemble_to_hub`."""
+        return push_ensemble_to_hub(self, repo_id, **kwargs)
 
 
 # ----------------------------------------------------------------------------- push
 
 
 def push_ensemble_to_hub(
-    ensemble: EnsembleModel,
+    ensemble: EnsembleHubMixin,
     repo_id: str,
     *,
     config: Any = None,
@@ -487,12 +668,13 @@ def push_ensemble_to_hub(
 
 
 __all__ = [
+    "EnsembleHubMixin",
     "HubUnreachableError",
     "HubUploadError",
     "config_fields",
-    "load_ensemble",
     "member_kind",
     "push_ensemble_to_hub",
+    "read_ensemble",
     "resolve_ensemble_folder",
     "save_ensemble",
 ]

@@ -1,4 +1,4 @@
-"""How a member is called: one adapter for HF `PreTrainedModel`s and plain modules.
+"""How a member is called and what its loss is: one adapter for HF `PreTrainedModel`s and plain modules.
 
 Every module that runs a member on a batch (trainer, scoring, sharpness, metrics helpers) goes
 through :func:`call_member`, so a member is either
@@ -10,10 +10,31 @@ through :func:`call_member`, so a member is either
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+#: ``loss_fn(logits (B, C), labels (B,)) -> (B,)``: a member's per-sample loss. Used by training (mean over
+#: the sub-batch), evaluation (``eval_loss``), the ensemble's ``.loss``, scoring (its square gradient norm per
+#: row) and the sharpness measures (mean over the batch). A function returning the batch mean also works
+#: wherever it is applied to one row at a time (scoring).
+MemberLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The default member loss: per-sample cross-entropy ``(B,)`` (float32) of logits ``(B, C)``, labels ``(B,)``.
+
+    With ``label_smoothing=0`` it is the NLL whose squared per-sample gradient norm is the empirical Fisher
+    trace of paper Sec. 4.3.
+    """
+    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
+
+
+def mean_member_loss(loss_fn: MemberLoss, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The 0-d mean over the batch of ``loss_fn(logits, labels)`` (per-sample ``(B,)``, or already a mean)."""
+    return loss_fn(logits, labels).mean()
 
 # Batch keys that are never model inputs.
 LABEL_KEYS = ("labels", "label", "label_ids")

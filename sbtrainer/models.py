@@ -7,6 +7,14 @@ here attaches its *build recipe* ``{"builder": name, "kwargs": {...}}`` to the m
 (attribute :data:`BUILD_ATTR`). `sbtrainer.hub` saves the recipe next to the weights and
 :func:`build_from_recipe` rebuilds the module before the weights are loaded.
 
+A recipe is written when the module is built, but the module can change afterwards (timm's
+``reset_classifier(3)``, ``set_input_size(...)``, a replaced head). So a saved recipe is never the
+construction-time one as is: :func:`current_recipe` updates it from the module as it is at save time
+(each builder may register a ``refresh`` function for that), and :func:`architecture_differences`
+compares the module with one rebuilt from the recipe (submodule classes and their plain settings,
+tensor names and shapes, which names share one tensor), so a change no recipe can express is
+reported instead of being saved as a folder that does not load.
+
 Builders: :func:`cifar_resnet` (CIFAR ResNets), :func:`timm_model` (any timm architecture, e.g.
 ``vit_tiny_patch16_224``), :func:`small_cnn` (the quickstart's CNN for small grayscale or colour
 images). Register your own with :func:`register_builder`.
@@ -15,30 +23,45 @@ images). Register your own with :func:`register_builder`.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 BUILD_ATTR = "sbtrainer_build"
 """Name of the attribute holding a module's build recipe ``{"builder": str, "kwargs": dict}``."""
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+Refresh = Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+REFRESHERS: dict[str, Refresh] = {}
+"""``refresh(model, kwargs) -> kwargs``: a builder's recipe kwargs updated to describe ``model`` as it is now."""
 
 
-def register_builder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_builder(
+    name: str, *, refresh: Refresh | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make ``fn`` rebuildable by name (``build_from_recipe({"builder": name, ...})``).
 
     The decorated function must take JSON-serialisable keyword arguments and build the same
-    architecture (random init) every time it is called with the same arguments.
+    architecture (random init) every time it is called with the same arguments. ``refresh(model,
+    kwargs)``, when given, returns the kwargs that rebuild ``model`` as it is now (after changes made
+    since it was built, e.g. a new classifier); :func:`current_recipe` calls it before a save.
     """
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in BUILDERS and BUILDERS[name] is not fn:
             raise ValueError(f"register_builder: a builder named {name!r} is already registered")
         BUILDERS[name] = fn
+        if refresh is not None:
+            REFRESHERS[name] = refresh
         return fn
 
     return decorate
@@ -58,9 +81,47 @@ def record_build(model: nn.Module, builder: str, kwargs: dict[str, Any]) -> nn.M
 
 
 def build_recipe(model: nn.Module) -> dict[str, Any] | None:
-    """The build recipe recorded on ``model`` (a copy), or ``None`` if it was not built here."""
+    """The build recipe recorded on ``model`` when it was built (a copy), or ``None`` if it was not built here.
+
+    It describes the module at construction; use :func:`current_recipe` for the module as it is now.
+    """
     recipe = getattr(model, BUILD_ATTR, None)
     return copy.deepcopy(recipe) if recipe is not None else None
+
+
+def current_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """The build recipe of ``model`` as it is now, or ``None`` if it was not built by a registered builder.
+
+    The construction-time recipe passed through the builder's ``refresh`` function (if it has one),
+    so e.g. ``cifar_resnet(num_classes=10)`` followed by ``reset_classifier(3)`` gives
+    ``num_classes=3``. Whether the recipe really rebuilds ``model`` is checked separately by
+    :func:`architecture_differences` (`sbtrainer.hub` does both before writing a member).
+    """
+    recipe = build_recipe(model)
+    if recipe is None:
+        return None
+    refresh = REFRESHERS.get(recipe.get("builder"))
+    if refresh is not None:
+        kwargs = refresh(model, copy.deepcopy(recipe.get("kwargs", {})))
+        try:
+            recipe["kwargs"] = json.loads(json.dumps(kwargs))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"current_recipe: refreshed kwargs of builder {recipe['builder']!r} are not "
+                             f"JSON-serialisable: {kwargs!r}") from err
+    return recipe
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its tensors on the meta device (no memory, no init cost); on the CPU if that fails.
+
+    Used to compare architectures only: a meta module has shapes but no values.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError) as err:
+        logger.debug("building on the meta device failed (%s); building on the CPU", err)
+        return build()
 
 
 def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
@@ -80,7 +141,152 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-@register_builder("cifar_resnet")
+# ----------------------------------------------------------------------------- what a module is now
+
+
+def timm_model_args(model: nn.Module) -> dict[str, Any]:
+    """timm's reconstruction arguments of ``model`` as it is now (JSON-serialisable values only).
+
+    With timm's ``get_model_args`` (timm >= 1.0.2x), which follows ``reset_classifier`` and
+    ``set_input_size``: the ``create_model`` keyword arguments plus the current ``num_classes``,
+    ``in_chans``, ``global_pool`` and ``img_size``; dropout rates are added from the construction
+    arguments (timm leaves them out). With an older timm: the current ``num_classes`` only.
+    """
+    try:
+        from timm.models._input import get_model_args
+    except ImportError:
+        args: dict[str, Any] = {"num_classes": getattr(model, "num_classes", None)}
+    else:
+        built = getattr(model, "_model_args", {}) or {}
+        drops = {k: v for k, v in built.items() if k.endswith("drop_rate")}
+        args = get_model_args(model, drops)
+    out = {}
+    for key, value in args.items():
+        try:
+            out[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            logger.debug("timm model arg %s=%r is not serialisable: not recorded", key, value)
+    return out
+
+
+def _refresh_timm_recipe(builder: str, skip: tuple[str, ...] = ()) -> Refresh:
+    """A ``refresh`` for builders over ``timm.create_model``: copy every timm argument that differs now.
+
+    The live module's :func:`timm_model_args` are compared with those of a module rebuilt (on the
+    meta device) from the construction recipe; each argument that differs, except ``skip`` (ones the
+    builder sets itself), is written into the recipe, where the builder passes it to ``create_model``.
+    """
+
+    def refresh(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        now = timm_model_args(model)
+        built = json.loads(_built_timm_args(builder, json.dumps(kwargs, sort_keys=True)))
+        for key, value in now.items():
+            if key not in skip and built.get(key) != value:
+                kwargs[key] = value
+        return kwargs
+
+    return refresh
+
+
+@functools.lru_cache(maxsize=32)
+def _built_timm_args(builder: str, kwargs_json: str) -> str:
+    """JSON of :func:`timm_model_args` of ``BUILDERS[builder](**kwargs)`` (a builder is deterministic: cached)."""
+    return json.dumps(timm_model_args(build_on_meta(lambda: BUILDERS[builder](**json.loads(kwargs_json)))))
+
+
+def _refresh_small_cnn(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """in_chans, width, num_classes and image_size read from the first conv and the linear head."""
+    first, head = (model[0], model[-1]) if isinstance(model, nn.Sequential) and len(model) else (None, None)
+    if not isinstance(first, nn.Conv2d) or not isinstance(head, nn.Linear):
+        return kwargs  # restructured: architecture_differences reports it
+    width = first.out_channels
+    kwargs.update(in_chans=first.in_channels, width=width, num_classes=head.out_features)
+    side = math.isqrt(head.in_features // (2 * width)) if head.in_features % (2 * width) == 0 else 0
+    if side and 2 * width * side * side == head.in_features:
+        kwargs["image_size"] = 2 * side
+    return kwargs
+
+
+_IGNORED_ATTRS = frozenset({"training"})
+"""Module attributes that are run state, not architecture."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is plain data (numbers, strings, None, tuples/lists of them; lists as tuples), else a miss."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(v) for v in value)
+        return _MISS if _MISS in items else items
+    return _MISS
+
+
+_MISS = object()
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of ``state_dict`` names that hold one tensor (tied weights), each sorted, e.g. ``[["emb.weight", "out.weight"]]``."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def architecture_summary(model: nn.Module, settings: bool = True) -> dict[str, Any]:
+    """What a rebuilt module must match: tensor names and shapes, tied groups and (``settings``) submodules.
+
+    ``"modules"``: ``{name: (class, {attribute: value})}`` over every submodule, with its plain-data
+    attributes (e.g. a pooling type, a kernel size, a patch grid) that are not private; ``"tensors"``:
+    ``{state_dict name: shape}``; ``"tied"``: :func:`tied_groups`.
+    """
+    summary: dict[str, Any] = {
+        "tensors": {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()},
+        "tied": tied_groups(model),
+    }
+    if settings:
+        modules = {}
+        for name, module in model.named_modules():
+            attrs = {k: _plain(v) for k, v in vars(module).items() if not k.startswith("_") and k not in _IGNORED_ATTRS}
+            modules[name] = (type(module).__qualname__, {k: v for k, v in attrs.items() if v is not _MISS})
+        summary["modules"] = modules
+    return summary
+
+
+def architecture_differences(model: nn.Module, rebuilt: nn.Module | dict[str, Any], settings: bool = True,
+                             limit: int = 5) -> list[str]:
+    """How ``rebuilt`` (e.g. from a saved recipe) differs from ``model``: at most ``limit`` lines, ``[]`` if none.
+
+    Compares :func:`architecture_summary` of both (with ``settings=False``: tensors and ties only, for
+    modules whose attributes are not all architecture, such as transformers models). ``rebuilt`` may
+    be given as its summary already.
+    """
+    now = architecture_summary(model, settings)
+    new = rebuilt if isinstance(rebuilt, dict) else architecture_summary(rebuilt, settings)
+    out: list[str] = []
+    for name in sorted(set(now["tensors"]) | set(new["tensors"])):
+        a, b = now["tensors"].get(name), new["tensors"].get(name)
+        if a != b:
+            out.append(f"tensor {name}: model {'absent' if a is None else list(a)}, rebuilt "
+                       f"{'absent' if b is None else list(b)}")
+    if now["tied"] != new["tied"]:
+        out.append(f"tied tensors: model {now['tied']}, rebuilt {new['tied']}")
+    if settings:
+        for name in sorted(set(now["modules"]) | set(new["modules"])):
+            a, b = now["modules"].get(name), new["modules"].get(name)
+            if a is None or b is None or a[0] != b[0]:
+                out.append(f"submodule {name or '<root>'}: model {a[0] if a else 'absent'}, rebuilt {b[0] if b else 'absent'}")
+                continue
+            for key in sorted(set(a[1]) | set(b[1])):
+                if a[1].get(key, _MISS) != b[1].get(key, _MISS):
+                    out.append(f"{name or '<root>'}.{key}: model {a[1].get(key, 'absent')!r}, rebuilt "
+                               f"{b[1].get(key, 'absent')!r}")
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@register_builder("cifar_resnet", refresh=_refresh_timm_recipe("cifar_resnet", skip=("channels", "stem_width")))
 def cifar_resnet(
     arch: str = "resnet18", num_classes: int = 10, width: int = 64, cifar_stem: bool = True, **kwargs
 ) -> nn.Module:
@@ -97,7 +303,7 @@ def cifar_resnet(
     return record_build(model, "cifar_resnet", recipe)
 
 
-@register_builder("timm_model")
+@register_builder("timm_model", refresh=_refresh_timm_recipe("timm_model"))
 def timm_model(model_name: str, pretrained: bool = False, num_classes: int | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(model_name, pretrained, num_classes, **kwargs)``, carrying its build recipe.
 
@@ -109,7 +315,7 @@ def timm_model(model_name: str, pretrained: bool = False, num_classes: int | Non
     return record_build(model, "timm_model", {"model_name": model_name, "pretrained": False, **extra, **kwargs})
 
 
-@register_builder("small_cnn")
+@register_builder("small_cnn", refresh=_refresh_small_cnn)
 def small_cnn(in_chans: int = 1, num_classes: int = 10, width: int = 16, image_size: int = 8) -> nn.Module:
     """Two 3x3 conv + BatchNorm + ReLU blocks, a 2x2 max-pool and a linear head (the quickstart's model).
 

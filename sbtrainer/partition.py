@@ -9,6 +9,7 @@ handed out by the release's rules: ``"round_robin"`` adds ``R[i::m]`` to ``D_i``
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -31,19 +32,10 @@ def top_k_masks(scores: torch.Tensor, fraction: float, selection: str = "highest
     return masks
 
 
-def partition(
-    scores: torch.Tensor, fraction: float, selection: str = "highest", residual: str = "none"
-) -> torch.Tensor:
-    """SAM masks ``(m, N)`` bool from scores ``(m, N)``: ``masks[i, r]`` is True when row ``r`` is in ``D_i^SAM``.
-
-    Args:
-        scores: per-sample sharpness of each member over the same N rows (finite).
-        fraction: k in [0, 1].
-        selection: ``"highest"`` or ``"lowest"``.
-        residual: ``"none"``, ``"round_robin"`` or ``"complement"``.
-    """
-    _check(scores, fraction, selection, residual)
-    top = top_k_masks(scores.detach().cpu(), fraction, selection)
+def sam_sets(top: torch.Tensor, residual: str = "none") -> torch.Tensor:
+    """SAM masks ``(m, N)`` from the members' top-k masks ``top`` ``(m, N)``: ``D_i = union_{j != i} T_j`` (+ residual)."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"partition: residual must be one of {RESIDUALS}; got {residual!r}")
     m = top.shape[0]
     count = top.sum(dim=0)
     masks = (count.unsqueeze(0) - top.int()) > 0  # union over the other members
@@ -57,6 +49,50 @@ def partition(
                 masks[i, rest] = True
                 masks[i, share] = False
     return masks
+
+
+def partition(
+    scores: torch.Tensor, fraction: float, selection: str = "highest", residual: str = "none"
+) -> torch.Tensor:
+    """SAM masks ``(m, N)`` bool from scores ``(m, N)``: ``masks[i, r]`` is True when row ``r`` is in ``D_i^SAM``.
+
+    Args:
+        scores: per-sample sharpness of each member over the same N rows (finite).
+        fraction: k in [0, 1].
+        selection: ``"highest"`` or ``"lowest"``.
+        residual: ``"none"``, ``"round_robin"`` or ``"complement"``.
+    """
+    _check(scores, fraction, selection, residual)
+    return sam_sets(top_k_masks(scores.detach().cpu(), fraction, selection), residual)
+
+
+def partition_statistics(scores: torch.Tensor, top: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Logged statistics of one scoring: per-member SAM-set fraction and score summary, mean pairwise overlaps.
+
+    Args:
+        scores: ``(m, N)`` per-sample sharpness.
+        top: ``(m, N)`` bool, each member's top-k set (`top_k_masks`).
+        masks: ``(m, N)`` bool, each member's SAM set (`sam_sets`).
+    """
+    m = masks.shape[0]
+    stats: dict[str, float] = {}
+    for i in range(m):
+        s = scores[i].double()
+        stats[f"scoring/member_{i}_sam_set_fraction"] = masks[i].float().mean().item()
+        stats[f"scoring/member_{i}_score_mean"] = s.mean().item()
+        stats[f"scoring/member_{i}_score_median"] = s.median().item()
+        stats[f"scoring/member_{i}_score_max"] = s.max().item()
+    pairs = list(itertools.combinations(range(m), 2))
+    if pairs:
+        stats["scoring/sam_set_pairwise_overlap"] = sum(
+            (masks[i] & masks[j]).float().mean().item() for i, j in pairs) / len(pairs)
+        stats["scoring/top_k_pairwise_jaccard"] = sum(_jaccard(top[i], top[j]) for i, j in pairs) / len(pairs)
+    return stats
+
+
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum().item()
+    return (a & b).sum().item() / union if union else 0.0
 
 
 def _check(scores: torch.Tensor, fraction: float, selection: str, residual: str) -> None:

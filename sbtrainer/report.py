@@ -271,7 +271,10 @@ def plot_member_vs_ensemble(
     """Bars of member accuracy (hatched) with the ensembling gain stacked on top (paper Fig. 7).
 
     Values as in :func:`markdown_member_vs_ensemble`; each bar is annotated with the member accuracy,
-    the gain and the ensemble accuracy. Returns ``path`` (PNG of ``figsize × dpi`` pixels).
+    the gain and the ensemble accuracy, each number written at its own height: the higher of member
+    and ensemble above the top of the bars, the lower one just below its level (with a negative gain
+    the gain segment hangs from the member level down to the ensemble level). Returns ``path`` (PNG
+    of ``figsize × dpi`` pixels).
     """
     _check_methods(results_by_method)
     methods, members, ensembles = [], [], []
@@ -293,28 +296,41 @@ def plot_member_vs_ensemble(
     ax.bar(xs, gains, bottom=members, color="#3182bd", edgecolor="black", label="ensemble gain")
     label_box = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
     for x, member, gain, ensemble in zip(xs, members, gains, ensembles):
-        top, bottom = max(member, ensemble), min(member, ensemble)
+        # each number is written at the height it is: the higher of member/ensemble above its level
+        # (the top of the bars), the lower one below its level (with a negative gain the member
+        # bar is the taller one and the ensemble level is the bottom of the gain segment)
+        (high_value, high_kind), (low_value, low_kind) = sorted(
+            [(ensemble, "ensemble"), (member, "member")], key=lambda vk: vk[0], reverse=True
+        )
         ax.annotate(
-            f"{ensemble:.2f}",
-            (x, top),
+            f"{high_value:.2f}",
+            (x, high_value),
             xytext=(0, 2),
             textcoords="offset points",
             ha="center",
             va="bottom",
             fontsize=8,
+            gid=f"{high_kind}-{x}",
         )
         ax.annotate(
-            f"{gain:+.2f}", (x, member + gain / 2), ha="center", va="center", fontsize=8, color="white"
+            f"{gain:+.2f}",
+            (x, member + gain / 2),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white",
+            gid=f"gain-{x}",
         )
         ax.annotate(
-            f"{member:.2f}",
-            (x, bottom),
+            f"{low_value:.2f}",
+            (x, low_value),
             xytext=(0, -4),
             textcoords="offset points",
             ha="center",
             va="top",
             fontsize=8,
             bbox=label_box,
+            gid=f"{low_kind}-{x}",
         )
     low, high = min(members + ensembles), max(members + ensembles)
     margin = max(high - low, 1e-6 * max(abs(high), 1.0)) * 0.5
@@ -426,36 +442,77 @@ def _config_cell(value: Any) -> str:
     return str(value)
 
 
+REDUCTION_TEXT: dict[str, str] = {
+    "logits": "the mean of the members' logits (`reduction=\"logits\"`)",
+    "probs": "the mean of the members' softmax probabilities; its logits are log(mean softmax) (`reduction=\"probs\"`)",
+}
+
+
+def _description(method: str | None, base_model: str | None) -> str:
+    if method is None:
+        text = ("An ensemble saved with `sbtrainer`. How it was trained was not recorded: it was saved without "
+                "its training config.")
+    elif method in METHOD_DESCRIPTIONS:
+        text = (f"An ensemble trained with `sbtrainer`, method `{method}`: {METHOD_DESCRIPTIONS[method]}. "
+                "SharpBalance and the deep-ensemble and SAM-ensemble baselines are those of Lu et al., "
+                "*Sharpness-Diversity Tradeoff: Improving Flat Ensembles with SharpBalance*, NeurIPS 2024.")
+    else:
+        text = f"An ensemble trained with `sbtrainer`, with the method named `{method}`."
+    return text + (f" Members start from `{base_model}`." if base_model else "")
+
+
+def _ensemble_section(ensemble: Mapping[str, Any]) -> list[str]:
+    members = list(ensemble.get("members", []))
+    reduction = ensemble.get("reduction")
+    kinds = sorted({str(m.get("kind")) for m in members})
+    text = f"{len(members)} member{'s' if len(members) != 1 else ''} ({', '.join(kinds)})."
+    if reduction is not None:
+        text += f" The ensemble's prediction is {REDUCTION_TEXT.get(reduction, f'`reduction={reduction!r}`')}."
+    if ensemble.get("input_name"):
+        text += f" Non-transformers members read the batch column `{ensemble['input_name']}`."
+    rows = [[str(m.get("name", i)), str(m.get("kind", MISSING)), str(m.get("architecture", MISSING)),
+             "not recorded" if m.get("seed") is None else str(m["seed"])] for i, m in enumerate(members)]
+    return ["## Ensemble", text, _markdown_table(["member", "kind", "architecture", "seed"], rows).rstrip()]
+
+
 def model_card(
-    method: str,
+    method: str | None,
     config: Mapping[str, Any],
     metrics: Mapping[str, Any] | None = None,
     base_model: str | None = None,
     model_name: str | None = None,
+    ensemble: Mapping[str, Any] | None = None,
 ) -> str:
     """A Hugging Face Hub README (model card) for an ensemble trained with ``method``.
 
     YAML front matter (``library_name: sbtrainer``, ``tags: [ensemble, sharpbalance, sam]``,
-    ``base_model`` when given), a description of the method, the hyper-parameters table (``config``
-    in its order; floats as ``%g``), the metrics table when ``metrics`` is given (floats to 4
-    decimals, integers as they are) and the paper's BibTeX citation (:data:`CITATION_BIBTEX`).
+    ``base_model`` when given), a description of the method (``method=None``: says the training
+    method was not recorded), the ensemble section when ``ensemble`` is given, the hyper-parameters
+    table (``config`` in its order; floats as ``%g``; an empty config is said to be not recorded),
+    the metrics table when ``metrics`` is given (floats to 4 decimals, integers as they are) and the
+    paper's BibTeX citation (:data:`CITATION_BIBTEX`).
+
+    ``ensemble``: what the ensemble is, ``{"reduction": "logits" | "probs", "input_name": str | None,
+    "members": [{"name", "kind", "architecture", "seed"}, ...]}`` (a seed None reads "not recorded").
+
+    Raises ``ValueError`` if ``method`` is neither None nor a non-empty string, or ``config`` is not a dict.
     """
-    if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be a non-empty string, got {method!r}")
+    if method is not None and (not isinstance(method, str) or not method):
+        raise ValueError(f"method must be None or a non-empty string, got {method!r}")
+    items = _config_items(config)
     front = ["---", "library_name: sbtrainer", "tags:", "- ensemble", "- sharpbalance", "- sam"]
     if base_model:
         front.append(f"base_model: {_yaml_scalar(base_model)}")
     front.append("---")
-    description = METHOD_DESCRIPTIONS.get(method, f"method `{method}`")
-    parts = [
-        "\n".join(front),
-        f"# {model_name or method + ' ensemble'}",
-        f"An ensemble trained with `sbtrainer` (method `{method}`): {description}. "
-        "Method from Lu et al., *Sharpness-Diversity Tradeoff: Improving Flat Ensembles with "
-        "SharpBalance*, NeurIPS 2024." + (f" Members start from `{base_model}`." if base_model else ""),
-        "## Hyper-parameters",
-        _markdown_table(["name", "value"], [[k, _config_cell(v)] for k, v in _config_items(config)]).rstrip(),
-    ]
+    parts = ["\n".join(front), f"# {model_name or (method or 'sbtrainer') + ' ensemble'}",
+             _description(method, base_model)]
+    if ensemble is not None:
+        parts += _ensemble_section(ensemble)
+    parts.append("## Hyper-parameters")
+    if items:
+        parts.append(_markdown_table(["name", "value"], [[k, _config_cell(v)] for k, v in items]).rstrip())
+    else:
+        parts.append("Not recorded: the ensemble was saved without its training config.")
     if metrics:
         rows = [[k, _value_cell(v)] for k, v in metrics.items()]
         parts += ["## Evaluation results", _markdown_table(["metric", "value"], rows).rstrip()]

@@ -1,4 +1,4 @@
-"""The SAM ascent and restore, with no Trainer knowledge.
+"""The per-member (subset-)SAM step and its parts, with no Trainer knowledge (`subset_sam_step`).
 
 SAM (Foret et al., ICLR 2021, eq. 2): ``eps = rho * g / ||g||``; the descent gradient is taken at
 ``theta + eps``. ASAM (Kwon et al., ICML 2021, eq. 9): ``eps = rho * T^2 g / ||T g||`` with
@@ -17,7 +17,9 @@ All functions work on lists of parameters and avoid host syncs (no ``.item()``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,3 +161,122 @@ def unstash_grads(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor |
             p.grad = g
         else:
             p.grad.add_(g)
+
+
+def select_rows(batch: Mapping[str, Any], rows: torch.Tensor, total: int, device: torch.device | None = None) -> dict:
+    """Rows ``rows`` (CPU int64) of every per-sample tensor of ``batch`` (first dim == ``total``); other values as they are.
+
+    A contiguous run of rows is a slice (a view, no copy); other rows are gathered on ``device``.
+    """
+    contiguous = rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+    index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows.to(device or "cpu", non_blocking=True)
+
+    def pick(v):
+        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total):
+            return v
+        return v[index]  # a slice is a view; advanced indexing keeps channels_last (index_select does not)
+
+    return {k: pick(v) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    """What one member's step leaves besides ``.grad``.
+
+    loss: 0-d, the mean loss at θ over the sub-batch (detached). ascent_norm: 0-d ``‖∇L_S(θ)‖`` (``‖T ∇L_S‖``
+    for ASAM), unscaled; None when no ascent was taken. sam_rows: ``|S|``.
+    """
+
+    loss: torch.Tensor
+    ascent_norm: torch.Tensor | None
+    sam_rows: int
+
+
+AscentRule = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float, bool],
+                      tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def _identity(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def subset_sam_step(
+    member: nn.Module,
+    loss_of: Callable[[dict, int], torch.Tensor],
+    batch: dict,
+    sam_mask: torch.Tensor,
+    rho: float,
+    *,
+    row_weight: float,
+    adaptive: bool = False,
+    device: torch.device | None = None,
+    backward: Callable[[torch.Tensor], None] = _backward,
+    unscale: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    ascent: AscentRule | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> StepResult:
+    """One member's (subset-)SAM step (paper Sec. 4.3, eq. 3): ADD to ``.grad`` the gradient of ``row_weight * Σ_rows loss``.
+
+    With ``S`` the rows where ``sam_mask`` is True and ``N`` the rest of the sub-batch ``B``::
+
+        .grad += row_weight * ( |S| ∇L_S(θ + ε_S) + |N| ∇L_N(θ) ),   ε_S = ascent(∇L_S(θ)) (SAM: ρ g/‖g‖)
+
+    so ``row_weight = 1/|B|`` gives the mean over the batch, and ``1/(rows in the accumulation window)``
+    weighs every row of a window equally. ``S = ∅`` or ``rho = 0`` is one plain pass; ``S = B`` is SAM.
+    Order: stash the accumulated ``.grad``; ascent pass on S at θ; ε; perturbed pass on S at θ+ε with every
+    buffer restored afterwards and the weights restored bitwise; plain pass on N at θ; unstash.
+
+    Args:
+        member: the module trained (its trainable parameters get the gradient).
+        loss_of: ``loss_of(sub_batch, rows)`` -> 0-d mean loss of ``member`` over the sub-batch (the member
+            loss; it may switch norm layers to running statistics for 1 row).
+        batch: the sub-batch ``B``, a dict of tensors with ``B`` rows (other values passed through).
+        sam_mask: bool ``(B,)`` on CPU.
+        rho: radius (>= 0).
+        row_weight: the weight of one row's loss gradient.
+        adaptive: ASAM scaling by ``|θ|``.
+        device: where gathered (non-contiguous) rows are put.
+        backward: ``backward(loss)``; a loss scaler's ``scale(loss).backward()`` under mixed precision.
+        unscale: divides a gradient quantity read before the unscale by the loss scale (for the log).
+        ascent: the perturbation rule ``(params, grads, rho, adaptive) -> (eps, norm, ok)``; default
+            :func:`sam_epsilon` (SAM/ASAM).
+            ε must not depend on a loss scale (SAM's and ASAM's do not: they normalise the gradient).
+        autocast: context manager for the forward passes (mixed precision).
+
+    Returns:
+        `StepResult`.
+    """
+    n_b = int(sam_mask.numel())
+    n_s = int(sam_mask.sum())
+    if n_s == 0 or rho == 0.0:  # a plain pass: one forward+backward over B
+        with autocast():
+            loss = loss_of(batch, n_b)
+        backward(loss * (n_b * row_weight))
+        return StepResult(loss.detach(), None, n_s)
+    s_batch = batch if n_s == n_b else select_rows(batch, torch.nonzero(sam_mask).squeeze(1), n_b, device)
+    params = [p for p in member.parameters() if p.requires_grad]
+    stash = stash_grads(params)
+    with autocast():
+        loss_s = loss_of(s_batch, n_s)  # ascent at θ (updates BatchNorm running stats: a pass at θ)
+    backward(loss_s)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    eps, norm, _ = (ascent or sam_epsilon)(params, grads, rho, adaptive)
+    for p in params:
+        p.grad = None
+    with perturbed(params, eps), frozen_buffers(member):
+        with autocast():
+            loss_p = loss_of(s_batch, n_s)
+        backward(loss_p * (n_s * row_weight))
+    loss = loss_s.detach() * (n_s / n_b)
+    if n_s < n_b:
+        n_batch = select_rows(batch, torch.nonzero(~sam_mask).squeeze(1), n_b, device)
+        with autocast():
+            loss_n = loss_of(n_batch, n_b - n_s)
+        backward(loss_n * ((n_b - n_s) * row_weight))
+        loss = loss + loss_n.detach() * ((n_b - n_s) / n_b)
+    unstash_grads(params, stash)
+    return StepResult(loss, unscale(norm), n_s)

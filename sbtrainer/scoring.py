@@ -30,12 +30,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .ghost_norm import batch_scores_hooks
-from .modeling import batch_labels, call_member, is_hf_model, model_inputs
+from .modeling import (
+    MemberLoss,
+    batch_labels,
+    call_member,
+    cross_entropy_per_sample,
+    is_hf_model,
+    model_inputs,
+)
 from .sam import frozen_buffers
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = MemberLoss
 _VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
 _WARNED: set[str] = set()  # (model class, method) already reported as unusable
 SCORE_METHODS = ("auto", "hooks", "vmap", "loop")
@@ -58,7 +65,7 @@ def _trainable(member: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def batch_scores_loop(
-    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = F.cross_entropy
+    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = cross_entropy_per_sample
 ) -> torch.Tensor:
     """Scores ``(B,)`` of one batch, one sample at a time with ``torch.autograd.grad``."""
     params = [p for p in member.parameters() if p.requires_grad]
@@ -66,14 +73,14 @@ def batch_scores_loop(
     out = []
     for j in range(labels.shape[0]):
         one = {k: v[j : j + 1] for k, v in inputs.items()}
-        loss = loss_fn(call_member(member, one, input_name).float(), labels[j : j + 1])
+        loss = loss_fn(call_member(member, one, input_name).float(), labels[j : j + 1]).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out.append(sum(g.float().pow(2).sum() for g in grads if g is not None))
     return torch.stack(out).cpu()  # one device-to-host copy per batch, not per sample
 
 
 def batch_scores_vmap(
-    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = F.cross_entropy
+    member: nn.Module, batch: dict, input_name: str = "pixel_values", loss_fn: LossFn = cross_entropy_per_sample
 ) -> torch.Tensor:
     """Scores ``(B,)`` of one batch with ``torch.func.grad`` vmapped over the samples."""
     params = _trainable(member)
@@ -88,15 +95,15 @@ def batch_scores_vmap(
             logits = out.logits if hasattr(out, "logits") else out[0]
         else:
             logits = functional_call(member, (p, buffers), args=(one[input_name],))
-        return loss_fn(logits.float(), y.unsqueeze(0))
+        return loss_fn(logits.float(), y.unsqueeze(0)).sum()
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, labels)
     total = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())
     return total.detach().cpu()
 
 
-def per_sample_sharpness(
-    member: nn.Module,
+def score_members(
+    members: Sequence[nn.Module],
     dataset: Dataset,
     *,
     rows: Sequence[int] | None = None,
@@ -104,30 +111,62 @@ def per_sample_sharpness(
     batch_size: int = 64,
     method: str = "auto",
     input_name: str = "pixel_values",
-    loss_fn: LossFn = F.cross_entropy,
+    loss_fn: LossFn = cross_entropy_per_sample,
     device: torch.device | str | None = None,
     progress: bool = True,
-    desc: str = "sharpness",
+    desc: str = "scoring",
 ) -> torch.Tensor:
-    """Per-sample sharpness ``(len(rows),)`` float32 of ``member`` on ``dataset[rows]`` (all rows by default).
+    """Per-sample sharpness ``(len(members), len(rows))`` float32 of each member on ``dataset[rows]``.
 
-    ``dataset`` yields dict examples with a labels column; ``collate_fn`` batches them (default
-    ``transformers.default_data_collator``). The dataset should carry no augmentation: pass the
-    eval-time view of the training set.
+    Every row is read and collated ONCE and scored by all the given members (any subset of an ensemble's
+    members, e.g. the ones a process owns). ``dataset`` yields dict examples with a label column;
+    ``collate_fn`` batches them (default ``transformers.default_data_collator``). The dataset should carry
+    no augmentation: pass the eval-time view of the training set. ``loss_fn(logits (B, C), labels (B,))`` is
+    the per-sample loss ``(B,)`` (the member loss of `sbtrainer.modeling`; it is applied to one row at a time,
+    so a batch-mean loss works too); the default, the per-sample NLL, makes the score the empirical Fisher
+    trace of paper Sec. 4.3. Each member is scored in eval mode with its buffers restored afterwards.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``batch_size < 1``.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"per_sample_sharpness: method must be one of {SCORE_METHODS}; got {method!r}")
     if batch_size < 1:
         raise ValueError(f"per_sample_sharpness: batch_size must be >= 1; got {batch_size}")
-    device = torch.device(device) if device is not None else next(member.parameters()).device
-    batches = _batches(dataset, rows, collate_fn, batch_size)
-    chunks = []
-    with eval_mode(member), frozen_buffers(member):
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    members = list(members)
+    if not members:
+        return torch.empty(0, 0 if rows is None else len(rows))
+    device = torch.device(device) if device is not None else next(members[0].parameters()).device
+    methods = [method] * len(members)
+    chunks: list[list[torch.Tensor]] = [[] for _ in members]
+    with contextlib.ExitStack() as stack:
+        for member in members:
+            stack.enter_context(eval_mode(member))
+            stack.enter_context(frozen_buffers(member))
+        for batch in tqdm(_batches(dataset, rows, collate_fn, batch_size), desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            scores, method = _score_batch(member, batch, method, input_name, loss_fn)
-            chunks.append(scores)
-    return torch.cat(chunks) if chunks else torch.empty(0)
+            for i, member in enumerate(members):
+                scores, methods[i] = _score_batch(member, batch, methods[i], input_name, loss_fn)
+                chunks[i].append(scores)
+    if not chunks[0]:
+        return torch.empty(len(members), 0)
+    return torch.stack([torch.cat(c) for c in chunks])
+
+
+def per_sample_sharpness(member: nn.Module, dataset: Dataset, *, desc: str = "sharpness", **kwargs) -> torch.Tensor:
+    """Per-sample sharpness ``(len(rows),)`` float32 of one ``member``: `score_members` for one member.
+
+    Keyword arguments (``rows``, ``collate_fn``, ``batch_size``, ``method``, ``input_name``, ``loss_fn``,
+    ``device``, ``progress``) are those of `score_members`.
+    """
+    return score_members([member], dataset, desc=desc, **kwargs)[0]
+
+
+def is_scoring_epoch(epoch: int, start: int, every: int | None) -> bool:
+    """True when scoring is due at the start of ``epoch``: ``start`` (Td), then every ``every`` epochs if set."""
+    if epoch < start:
+        return False
+    return epoch == start or (every is not None and (epoch - start) % every == 0)
 
 
 def batch_scores_hooks_checked(
@@ -145,7 +184,7 @@ def batch_scores_hooks_checked(
     if is_hf_model(member):
         raise NotImplementedError("hooks scoring takes plain modules with one input tensor")
     labels = batch_labels(batch)
-    per_sample = None if loss_fn is F.cross_entropy else loss_fn  # summed over 1-row slices, as the loop does
+    per_sample = None if loss_fn in (F.cross_entropy, cross_entropy_per_sample) else loss_fn  # summed over 1-row slices, as the loop does
     scores = batch_scores_hooks(member, batch[input_name], labels, per_sample).cpu()
     if verify:
         head = {k: v[:verify] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}

@@ -18,6 +18,7 @@ loss (``member_i_loss`` for each member).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,23 +27,58 @@ from collections.abc import Iterator
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .callbacks import SharpnessScoringCallback
 from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
-from .modeling import INDEX_KEYS, LABEL_KEYS, batch_labels
-from .sam import frozen_buffers, perturbed, sam_epsilon, single_sample_norm_eval, stash_grads, unstash_grads
+from .modeling import (
+    INDEX_KEYS,
+    LABEL_KEYS,
+    MemberLoss,
+    batch_labels,
+    cross_entropy_per_sample,
+    mean_member_loss,
+)
+from .partition import partition_statistics, sam_sets, top_k_masks
+from .sam import select_rows, single_sample_norm_eval, subset_sam_step
 from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, SeededRowsDataset, mix_seed
+from .scoring import is_scoring_epoch, score_members
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "sharpbalance_state.pt"
+
+
+# Private `transformers.Trainer` methods this trainer overrides or calls. They are not public API: each is
+# checked at import, so a transformers release that renames one fails here with a clear message instead of
+# silently skipping an override. Verified on transformers 5.17 (the GPU machines) and 5.24.
+TRAINER_HOOKS_OVERRIDDEN = (
+    "_run_epoch", "_prepare_for_training", "_get_num_items_in_batch", "_save", "_load_from_checkpoint",
+    "_load_best_model", "_save_checkpoint", "_load_optimizer_and_scheduler", "_clip_grad_norm", "_get_grad_norm",
+    "_set_signature_columns_if_needed",
+)
+TRAINER_HOOKS_CALLED = (
+    "_prepare_inputs", "_remove_unused_columns", "_get_collator_with_removed_columns", "_get_output_dir",
+    "autocast_smart_context_manager",
+)
+
+
+def _check_trainer_hooks() -> None:
+    import transformers
+
+    missing = [n for n in TRAINER_HOOKS_OVERRIDDEN + TRAINER_HOOKS_CALLED if not callable(getattr(Trainer, n, None))]
+    if missing:
+        raise ImportError(
+            f"sbtrainer needs the transformers.Trainer methods {missing}, which transformers {transformers.__version__} "
+            "does not have; install a transformers version sbtrainer supports (see pyproject.toml).")
+
+
+_check_trainer_hooks()
 
 
 class _StepLog:
@@ -81,7 +117,7 @@ class _StepLog:
         for i in range(self.m):
             if self.rows[i]:
                 out[f"member_{i}_loss"] = float(self.loss_sum[i]) / self.rows[i]
-                out[f"member_{i}_sam_fraction"] = self.sam_rows[i] / self.rows[i]
+                out[f"member_{i}_sam_batch_share"] = self.sam_rows[i] / self.rows[i]
             if self.ascents[i]:
                 out[f"member_{i}_ascent_grad_norm"] = float(self.ascent_norm[i]) / self.ascents[i]
         out["skipped_ascents"] = float(self.skipped)
@@ -97,15 +133,23 @@ class SharpBalanceTrainer(Trainer):
         args: the config.
         score_dataset: the training set's eval-time view (same rows, no augmentation) used for per-sample
             sharpness; defaults to ``train_dataset`` itself.
+        score_loss_fn: the per-sample loss whose squared gradient norm is a row's sharpness score; default the
+            per-sample NLL (the empirical Fisher trace, paper Sec. 4.3), whatever the member loss.
+
+    The member loss is the ensemble's ``loss_fn`` (`EnsembleModel`, default per-sample cross-entropy):
+    training takes its mean over each member's sub-batch (with ``label_smoothing_factor`` added to the
+    default), evaluation reports its mean as ``eval_loss``.
         **kwargs: every other `Trainer` argument (datasets, collator, callbacks, optimizers, ...).
     """
 
-    def __init__(self, model: EnsembleModel, args: SharpBalanceConfig, score_dataset=None, **kwargs) -> None:
+    def __init__(self, model: EnsembleModel, args: SharpBalanceConfig, score_dataset=None,
+                 score_loss_fn: MemberLoss | None = None, **kwargs) -> None:
         _check_inputs(model, args, kwargs.get("train_dataset"), score_dataset)
         _check_transform_columns(args, train_dataset=kwargs.get("train_dataset"), eval_dataset=kwargs.get("eval_dataset"),
                                  score_dataset=score_dataset)
         _set_reduction(model, args)
-        if kwargs.get("compute_metrics") is None:
+        default_metrics = kwargs.get("compute_metrics") is None
+        if default_metrics:
             kwargs["compute_metrics"] = self._default_compute_metrics
         # The stock Trainer builds a LabelSmoother by reading `model.config` (an EnsembleModel has none);
         # the member loss applies label_smoothing_factor itself (`_loss`), so hide it from the stock init.
@@ -115,10 +159,11 @@ class SharpBalanceTrainer(Trainer):
             super().__init__(model=model, args=args, **kwargs)
         finally:
             args.label_smoothing_factor = smoothing
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError("SharpBalanceTrainer supports one device or DDP; DeepSpeed and FSDP are not supported")
+        _check_trainer_args(self, kwargs, default_metrics)
         self.model_accepts_loss_kwargs = False  # EnsembleModel.forward(**inputs) does not scale for num_items_in_batch
         self._label_column = _label_column(args)
+        self.score_loss_fn: MemberLoss = score_loss_fn if score_loss_fn is not None else cross_entropy_per_sample
+        self._train_loss_fn = _training_loss(model, args)
         self.score_dataset = score_dataset
         self.sam_masks: torch.Tensor | None = None
         self.sample_scores: torch.Tensor | None = None
@@ -129,8 +174,6 @@ class SharpBalanceTrainer(Trainer):
         self._update_steps_per_epoch: int | None = None
         self._masks_by_hand = False
         self._check_sam_fraction()
-        if args.ensemble_method == "sharpbalance":
-            self.add_callback(SharpnessScoringCallback(self))
 
     def _default_compute_metrics(self, eval_pred) -> dict[str, float]:
         """`sbtrainer.metrics.ensemble_metrics` with the ensemble's own reduction (read at call time)."""
@@ -262,7 +305,8 @@ class SharpBalanceTrainer(Trainer):
                   "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory}
         if args.dataloader_num_workers > 0:
             params.update(persistent_workers=args.dataloader_persistent_workers,
-                          prefetch_factor=args.dataloader_prefetch_factor)
+                          prefetch_factor=args.dataloader_prefetch_factor, in_order=args.dataloader_in_order,
+                          multiprocessing_context=args.dataloader_multiprocessing_context)
         loader = self.accelerator.prepare(DataLoader(MemberStreamDataset(dataset, args.member_seeds), **params))
         steps = len(loader)
         ga = args.gradient_accumulation_steps
@@ -271,8 +315,50 @@ class SharpBalanceTrainer(Trainer):
 
     def _run_epoch(self, *args, **kwargs):
         # The per-member order depends on the epoch; set it on the sampler we own, whatever wraps it.
-        self._member_sampler.set_epoch(kwargs["epoch"])
+        epoch = kwargs["epoch"]
+        self._member_sampler.set_epoch(epoch)
+        self._maybe_score(epoch)
         return super()._run_epoch(*args, **kwargs)
+
+    # -- scoring: when, across processes, installing the partition -------------------------------------
+    def _maybe_score(self, epoch: int) -> None:
+        """Score at the start of epoch Td and every ``rescore_every`` epochs after (once per epoch, resume included).
+
+        Scoring at Td itself, not one epoch late as in the authors' release.
+        """
+        args = self.args
+        if args.ensemble_method != "sharpbalance" or self.last_scored_epoch == epoch:
+            return
+        if is_scoring_epoch(epoch, args.scoring_start_epoch, args.rescore_every):
+            self.score_and_install(epoch)
+
+    def score_and_install(self, epoch: int) -> None:
+        """Score every member on every training row, partition, install masks and scores, log statistics."""
+        args = self.args
+        scores = self.score_members(epoch)
+        top = top_k_masks(scores, args.sam_fraction, args.selection)
+        masks = sam_sets(top, args.residual)
+        self.install_scores(scores, masks, epoch)
+        self.log(partition_statistics(scores, top, masks))
+        logger.info("Scored %d members on %d rows at epoch %d.", scores.shape[0], scores.shape[1], epoch)
+
+    def score_members(self, epoch: int) -> torch.Tensor:
+        """Scores ``(m, N)`` float32 on CPU; process r scores rows ``[r N / W, (r + 1) N / W)``, then a sum-reduce."""
+        acc, args = self.accelerator, self.args
+        ensemble = self.ensemble
+        self._broadcast_buffers()
+        dataset, collate_fn = self.scoring_data(epoch)
+        n, world, rank = len(dataset), acc.num_processes, acc.process_index
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        scores = torch.zeros(ensemble.num_members, n, device=acc.device)
+        scores[:, lo:hi] = score_members(
+            list(ensemble.members), dataset, rows=range(lo, hi), collate_fn=collate_fn,
+            batch_size=args.score_batch_size, method=args.score_method, input_name=ensemble.input_name,
+            loss_fn=self.score_loss_fn, device=acc.device, progress=acc.is_local_main_process and not args.disable_tqdm,
+            desc=f"scoring {ensemble.num_members} members").to(acc.device)
+        if world > 1:
+            scores = acc.reduce(scores, reduction="sum")
+        return scores.float().cpu()
 
     def _prepare_for_training(self, *args, **kwargs):
         """Prepare as the stock Trainer does, then drop the DistributedDataParallel wrapper it built.
@@ -329,64 +415,40 @@ class SharpBalanceTrainer(Trainer):
             rows = torch.nonzero(member_index == i).squeeze(1)
             if rows.numel() == 0:  # a member with no rows in this micro-batch (a custom sampler)
                 continue
-            batch = _take(inputs, rows, len(member_index), self.args.device)
+            batch = select_rows(inputs, rows, len(member_index), self.args.device)
             sam_mask = self._sam_mask(i, sample_index[rows])
             with self._member_rng(i, micro):
                 loss = self._member_step(i, batch, sam_mask, 1.0 / counts[i])
             total = total + loss * (rows.numel() / counts[i])
         if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             _all_reduce_sum_grads(ensemble)
+        every = self.args.torch_empty_cache_steps
+        if every is not None and every > 0 and self.state.global_step % every == 0:
+            clear_device_cache()
         # The stock loop averages the logged loss over processes; each process holds its share of the sum.
         return total.detach() * (self.accelerator.num_processes / ensemble.num_members)
 
     def _member_step(self, i: int, batch: dict, sam_mask: torch.Tensor, row_weight: float) -> torch.Tensor:
         """Add member i's gradient of ``row_weight * sum of its per-row losses`` to ``.grad``; return the mean loss at θ.
 
-        ``sam_mask`` bool ``(B,)`` splits the sub-batch into S (SAM objective) and N (plain loss).
+        ``sam_mask`` bool ``(B,)`` splits the sub-batch into S (SAM objective) and N (plain loss);
+        the step itself is `sbtrainer.sam.subset_sam_step`.
         """
-        member = self.ensemble.members[i]
-        n_b = int(sam_mask.numel())
-        n_s = int(sam_mask.sum())
-        rho = self.args.rho_of(i)
-        if n_s == 0 or rho == 0.0:  # a plain pass: one forward+backward over B
-            loss = self._loss(i, batch, n_b)
-            self._backward(loss * (n_b * row_weight))
-            self._step_log.add(i, loss, n_b, n_s, None)
-            return loss
-        s_rows = torch.nonzero(sam_mask).squeeze(1)
-        n_rows = torch.nonzero(~sam_mask).squeeze(1)
-        s_batch = batch if n_s == n_b else _take(batch, s_rows, n_b, self.args.device)
-        params = [p for p in member.parameters() if p.requires_grad]
-        stash = stash_grads(params)
-        loss_s = self._loss(i, s_batch, n_s)  # ascent at θ (updates BatchNorm running stats)
-        self._backward(loss_s)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        eps, norm, _ = sam_epsilon(params, grads, rho, self.args.adaptive)  # ε is invariant to a loss scale
-        norm = self._unscaled(norm)
-        for p in params:
-            p.grad = None
-        with perturbed(params, eps), frozen_buffers(member):
-            self._backward(self._loss(i, s_batch, n_s) * (n_s * row_weight))
-        loss = loss_s.detach() * (n_s / n_b)
-        if n_s < n_b:
-            loss_n = self._loss(i, _take(batch, n_rows, n_b, self.args.device), n_b - n_s)
-            self._backward(loss_n * ((n_b - n_s) * row_weight))
-            loss = loss + loss_n.detach() * ((n_b - n_s) / n_b)
-        unstash_grads(params, stash)
-        self._step_log.add(i, loss, n_b, n_s, norm)
-        return loss
+        result = subset_sam_step(
+            self.ensemble.members[i], lambda sub, rows: self._loss(i, sub, rows), batch, sam_mask,
+            self.args.rho_of(i), row_weight=row_weight, adaptive=self.args.adaptive, device=self.args.device,
+            backward=self._backward, unscale=self._unscaled, autocast=self.accelerator.autocast)
+        self._step_log.add(i, result.loss, int(sam_mask.numel()), result.sam_rows, result.ascent_norm)
+        return result.loss
 
     def _loss(self, i: int, batch: dict, size: int) -> torch.Tensor:
-        """Mean loss of member i on ``batch`` (BatchNorm on running stats for a 1-sample batch).
-
-        Cross-entropy, with ``label_smoothing_factor`` as the stock Trainer applies it.
-        """
+        """Mean member loss of member i on ``batch`` (norm layers on running statistics for a 1-row batch)."""
         labels = batch_labels(batch)
         member = self.ensemble.members[i]
         ctx = single_sample_norm_eval(member) if size == 1 else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
+        with ctx:
             logits = self.ensemble.member_forward(i, batch)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+        return mean_member_loss(self._train_loss_fn, logits, labels)
 
     def _backward(self, loss: torch.Tensor) -> None:
         # Not accelerator.backward: it also divides by its own accumulation steps; we scale explicitly.
@@ -469,6 +531,16 @@ class SharpBalanceTrainer(Trainer):
             logs.update(self._step_log.drain())
         super().log(logs, start_time)
 
+    def _broadcast_buffers(self) -> None:
+        """Give every process rank 0's buffers (BatchNorm statistics), as DDP does at each forward.
+
+        Each process updates its running statistics on its own rows; evaluation and scoring must use one
+        set, or W processes would not equal one. Rank 0's is also the one saved.
+        """
+        if self.accelerator.num_processes > 1:
+            for buffer in self.ensemble.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     # -- evaluation ---------------------------------------------------------------------------------
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple:
@@ -483,7 +555,7 @@ class SharpBalanceTrainer(Trainer):
             inputs.pop(k, None)
         with torch.no_grad(), self.autocast_smart_context_manager():
             out = self.ensemble(**inputs)
-        loss = None if labels is None else _mean_member_loss(out.member_logits, labels).detach()
+        loss = None if labels is None else _mean_member_loss(self.ensemble.loss_fn, out.member_logits, labels).detach()
         if prediction_loss_only:
             return loss, None, None
         return loss, (out.logits.detach(), out.member_logits.detach()), labels
@@ -497,6 +569,7 @@ class SharpBalanceTrainer(Trainer):
         give the 1-process value. Loss-only evaluation still collects the (N, m, C) logits to do so.
         """
         loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
+        self._broadcast_buffers()
         compute_metrics = self.compute_metrics
         if loss_only:
             self.compute_metrics = None
@@ -509,7 +582,8 @@ class SharpBalanceTrainer(Trainer):
         predictions, labels = output.predictions, output.label_ids
         if isinstance(predictions, (tuple, list)) and len(predictions) == 2 and labels is not None:
             member_logits = torch.as_tensor(predictions[1])
-            metrics[f"{metric_key_prefix}_loss"] = float(_mean_member_loss(member_logits, torch.as_tensor(labels)))
+            metrics[f"{metric_key_prefix}_loss"] = float(_mean_member_loss(
+                self.ensemble.loss_fn, member_logits, torch.as_tensor(labels), finite_only=self.args.logging_nan_inf_filter))
         if loss_only:
             predictions = labels = None
         return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
@@ -635,6 +709,26 @@ def _check_transform_columns(args: SharpBalanceConfig, **datasets_by_name) -> No
                     f"{name} (set by with_transform/set_transform) reads; set remove_unused_columns=False.")
 
 
+def _check_trainer_args(trainer: SharpBalanceTrainer, kwargs: dict, default_metrics: bool) -> None:
+    """Refuse what only the built trainer shows (the environment's plugins, the devices, the metric function)."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise ValueError("SharpBalanceConfig.fsdp / deepspeed (set by the accelerate environment) is not supported: "
+                         "members are trained whole on each process (one device or data-parallel processes)")
+    if trainer.args.n_gpu > 1:
+        raise ValueError(f"SharpBalanceTrainer needs one device per process; {trainer.args.n_gpu} GPUs are visible to one "
+                         "process (torch DataParallel). Launch one process per GPU (`accelerate launch` / `torchrun`) "
+                         "or set CUDA_VISIBLE_DEVICES.")
+    if kwargs.get("compute_loss_func") is not None:
+        raise ValueError("SharpBalanceTrainer.compute_loss_func is not supported: a scalar loss over the batch cannot "
+                         "serve per-member training and per-sample scoring; pass a per-sample member loss as "
+                         "EnsembleModel(..., loss_fn=fn) with fn(logits (B, C), labels (B,)) -> (B,); got a "
+                         "compute_loss_func")
+    if trainer.args.batch_eval_metrics and default_metrics:
+        raise ValueError("SharpBalanceConfig.batch_eval_metrics=True needs your own compute_metrics(eval_pred, "
+                         "compute_result): the default ensemble metrics need every prediction at once; got "
+                         "batch_eval_metrics=True and no compute_metrics")
+
+
 def _set_reduction(model: EnsembleModel, args: SharpBalanceConfig) -> None:
     """Make ``ensemble_reduction`` the ensemble's own reduction: evaluation, saving and the card then agree."""
     if args.ensemble_reduction is None:
@@ -643,6 +737,17 @@ def _set_reduction(model: EnsembleModel, args: SharpBalanceConfig) -> None:
         logger.info("SharpBalanceConfig.ensemble_reduction=%r replaces the ensemble's reduction %r.",
                     args.ensemble_reduction, model.reduction)
         model.reduction = args.ensemble_reduction
+
+
+def _training_loss(model: EnsembleModel, args: SharpBalanceConfig) -> MemberLoss:
+    """The training member loss: the ensemble's, with ``label_smoothing_factor`` added to the default cross-entropy."""
+    if args.label_smoothing_factor == 0:
+        return model.loss_fn
+    if model.loss_fn is not cross_entropy_per_sample:
+        raise ValueError(f"SharpBalanceConfig.label_smoothing_factor={args.label_smoothing_factor} applies to the default "
+                         "member loss only; the ensemble has its own loss_fn (smooth the labels inside it, or set "
+                         "label_smoothing_factor=0)")
+    return functools.partial(cross_entropy_per_sample, label_smoothing=args.label_smoothing_factor)
 
 
 def _label_column(args: SharpBalanceConfig) -> str | None:
@@ -655,28 +760,19 @@ def _label_column(args: SharpBalanceConfig) -> str | None:
     return None if names[0] == "labels" else names[0]
 
 
-def _mean_member_loss(member_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over members of each member's mean cross-entropy: member logits ``(N, m, C)``, labels ``(N,)``."""
-    n, m, c = member_logits.shape
-    labels = labels.to(member_logits.device).long().reshape(-1)
-    per_row = F.cross_entropy(member_logits.float().reshape(n * m, c), labels.repeat_interleave(m), reduction="none")
-    return per_row.view(n, m).mean()
+def _mean_member_loss(loss_fn: MemberLoss, member_logits: torch.Tensor, labels: torch.Tensor,
+                      finite_only: bool = False) -> torch.Tensor:
+    """Mean over rows and members of the per-sample member loss: member logits ``(N, m, C)``, labels ``(N,)``.
 
-
-def _take(batch: dict, rows: torch.Tensor, total: int, device: torch.device) -> dict:
-    """Rows ``rows`` (CPU int64) of every per-sample tensor (first dim == total) of ``batch``; other values as they are.
-
-    A contiguous run of rows is a slice (a view, no copy); other rows are gathered on ``device``.
+    ``finite_only``: average the rows whose loss is finite (``logging_nan_inf_filter``), when any is.
     """
-    contiguous = rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
-    index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows.to(device, non_blocking=True)
-
-    def pick(v):
-        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total):
-            return v
-        return v[index]  # a slice is a view; advanced indexing keeps channels_last (index_select does not)
-
-    return {k: pick(v) for k, v in batch.items()}
+    m = member_logits.shape[1]
+    labels = labels.to(member_logits.device).long().reshape(-1)
+    per_row = torch.stack([loss_fn(member_logits[:, i], labels).float().reshape(-1) for i in range(m)], 1).mean(1)
+    finite = torch.isfinite(per_row)
+    if finite_only and bool(finite.any()):
+        per_row = per_row[finite]
+    return per_row.mean()
 
 
 def _all_reduce_sum_grads(ensemble: nn.Module) -> None:

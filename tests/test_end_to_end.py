@@ -41,14 +41,14 @@ def test_three_member_sharpbalance_through_td(tmp_path, case):
     assert (trainer.sample_scores > 0).all()
 
     # logged per-batch SAM fractions agree with trainer.sam_masks and the member's rows of that step
-    logs = [log for log in trainer.state.log_history if "loss" in log and "member_0_sam_fraction" in log]
+    logs = [log for log in trainer.state.log_history if "loss" in log and "member_0_sam_batch_share" in log]
     assert len(logs) == EPOCHS * STEPS
     for step, log in enumerate(logs):
         epoch, k = divmod(step, STEPS)
         for i, seed in enumerate(args.member_seeds):
             rows = member_permutation(N, seed, epoch)[k * B : (k + 1) * B]
             expected = 1.0 if epoch < TD else trainer.sam_masks[i, rows].sum().item() / B
-            assert log[f"member_{i}_sam_fraction"] == pytest.approx(expected, abs=1e-12)
+            assert log[f"member_{i}_sam_batch_share"] == pytest.approx(expected, abs=1e-12)
             assert log[f"member_{i}_loss"] > 0
     assert all(log["skipped_ascents"] == 0 for log in logs)
 

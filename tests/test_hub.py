@@ -18,7 +18,6 @@ from sbtrainer.hub import (
     FORMAT_VERSION,
     HubUnreachableError,
     HubUploadError,
-    load_ensemble,
 )
 from sbtrainer.models import BUILD_ATTR, build_from_recipe, cifar_resnet, timm_model
 
@@ -237,7 +236,7 @@ def test_push_to_hub_uploads_the_saved_folder_in_one_commit(tmp_path, fake_hub):
     meta = json.loads((folder / CONFIG_NAME).read_text())
     assert meta["method"] == "sharpbalance" and meta["member_kinds"] == ["transformers"] * 2
     assert "| eval_ensemble_accuracy | 0.5000 |" in (folder / "README.md").read_text()
-    loaded = load_ensemble(folder)
+    loaded = EnsembleModel.from_pretrained(folder)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).member_logits, ens(**batch).member_logits)
 

@@ -4,7 +4,7 @@ import torch
 from helpers import image_data, make_args, make_trainer, small_cnn, vector_data
 from torch import nn
 
-import sbtrainer.trainer as trainer_module
+import sbtrainer.sam as sam_module
 from sbtrainer.sam import frozen_norm_stats, perturbed, sam_epsilon
 from sbtrainer.sampling import member_permutation
 
@@ -83,12 +83,12 @@ def test_nan_ascent_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
     trainer = make_trainer(args, build, data)
     plain = make_trainer(make_args(tmp_path / "p", ensemble_method="deep_ensemble", num_members=1, max_steps=1,
                                    per_device_train_batch_size=8), build, data)
-    real = trainer_module.sam_epsilon
+    real = sam_module.sam_epsilon
 
     def nan_epsilon(params, grads, rho, adaptive=False):
         return real(params, [torch.full_like(g, float("nan")) for g in grads], rho, adaptive)
 
-    monkeypatch.setattr(trainer_module, "sam_epsilon", nan_epsilon)
+    monkeypatch.setattr(sam_module, "sam_epsilon", nan_epsilon)
     trainer.train()
     plain.train()
     log = trainer.state.log_history[0]
@@ -114,7 +114,7 @@ def test_single_sample_sam_set_with_batchnorm(tmp_path):
     trainer.set_sam_masks(masks)
     before = [p.detach().clone() for p in trainer.ensemble.parameters()]
     trainer.train()
-    fractions = [log[f"member_{i}_sam_fraction"] for log in trainer.state.log_history if "loss" in log
+    fractions = [log[f"member_{i}_sam_batch_share"] for log in trainer.state.log_history if "loss" in log
                  for i in range(2)]
     assert 0.5 in fractions  # some batches had exactly one SAM sample and one plain sample
     assert all(torch.isfinite(p).all() for p in trainer.ensemble.parameters())

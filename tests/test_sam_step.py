@@ -79,7 +79,7 @@ def test_subset_sam_step_equals_formula(tmp_path):
     for name, p in trainer.ensemble.members[1].named_parameters():
         g = len(s_rows) / batch * g_s[name] + len(n_rows) / batch * g_n[name]
         torch.testing.assert_close(p.detach(), theta[name] - LR * g, atol=1e-6, rtol=0)
-    assert trainer.state.log_history[0]["member_1_sam_fraction"] == len(s_rows) / batch
+    assert trainer.state.log_history[0]["member_1_sam_batch_share"] == len(s_rows) / batch
 
 
 def test_sgd_step_equals_formula(tmp_path):
