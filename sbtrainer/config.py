@@ -24,6 +24,7 @@ from .scoring import SCORE_METHODS
 logger = logging.getLogger(__name__)
 
 ENSEMBLE_METHODS = ("deep_ensemble", "sam", "sharpbalance")
+ENSEMBLE_PARALLELISMS = ("data", "members")
 REDUCTIONS = ("logits", "probs")
 
 # -- the audit of the inherited TrainingArguments fields ---------------------------------------------------
@@ -352,6 +353,17 @@ class SharpBalanceConfig(TrainingArguments):
             "then the loop)."
         },
     )
+    ensemble_parallelism: str = field(
+        default="data",
+        metadata={
+            "help": "How W processes share the work. 'data': every process trains every member on its own "
+            "sub-batches, so one optimizer step uses W * per_device_train_batch_size * gradient_accumulation_steps "
+            "rows per member (W processes equal one process with accumulation W). 'members': process r trains "
+            "members {i : i mod W = r} (W <= num_members), each exactly as in a 1-process run "
+            "(per_device_train_batch_size rows per member per step, no gradient communication): the paper's "
+            "setting of one member per GPU."
+        },
+    )
     ensemble_reduction: str = field(
         default="logits",
         metadata={"help": "'logits' (mean of logits, paper Sec. 2) or 'probs' (mean of softmax, the release)."},
@@ -386,7 +398,7 @@ class SharpBalanceConfig(TrainingArguments):
             if getattr(self, name):
                 raise _unsupported(name, INHERITED_FIELDS["torch_compile"][1], getattr(self, name))
         for name in ("activation_checkpointing", "gradient_checkpointing"):
-            if getattr(self, name):
+            if getattr(self, name, False):  # activation_checkpointing is no TrainingArguments field in 5.17
                 raise _unsupported(name, INHERITED_FIELDS["activation_checkpointing"][1], getattr(self, name))
         for name in ("neftune_noise_alpha", "use_liger_kernel", "auto_find_batch_size"):
             if getattr(self, name):
@@ -454,6 +466,7 @@ class SharpBalanceConfig(TrainingArguments):
     def _check_choices(self) -> None:
         for name, choices in (
             ("ensemble_method", ENSEMBLE_METHODS),
+            ("ensemble_parallelism", ENSEMBLE_PARALLELISMS),
             ("selection", SELECTIONS),
             ("residual", RESIDUALS),
             ("ensemble_reduction", REDUCTIONS),

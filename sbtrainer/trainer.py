@@ -31,6 +31,7 @@ from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, default_data_collator
+from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -109,6 +110,20 @@ class _StepLog:
             self.ascents[i] += 1
             self.skipped = self.skipped + (~torch.isfinite(norm)).int()
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over processes (members mode: each member's only on its owner; data mode: its rows)."""
+        vals = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in
+                self.loss_sum + self.rows + self.sam_rows + self.ascent_norm + self.ascents + [self.skipped]]
+        device = next((v.device for v in self.loss_sum if torch.is_tensor(v)), torch.device("cpu"))
+        flat = torch.stack([v.to(device) for v in vals])
+        if dist.get_backend() == "nccl" and flat.device.type != "cuda":
+            flat = flat.cuda()
+        dist.all_reduce(flat)
+        flat = flat.cpu().tolist()
+        m = self.m
+        self.loss_sum, self.rows, self.sam_rows = flat[:m], [int(r) for r in flat[m:2 * m]], [int(r) for r in flat[2 * m:3 * m]]
+        self.ascent_norm, self.ascents, self.skipped = flat[3 * m:4 * m], [int(a) for a in flat[4 * m:5 * m]], int(flat[5 * m])
+
     def drain(self) -> dict[str, float]:
         """Per-row means since the last drain, as floats; resets."""
         if not any(self.rows):
@@ -173,6 +188,8 @@ class SharpBalanceTrainer(Trainer):
         self._micro = (-1, -1)  # (global_step, micro-step index) of the last training_step
         self._update_steps_per_epoch: int | None = None
         self._masks_by_hand = False
+        self.owned_members = _owned_members(model.num_members, args, self.accelerator.num_processes,
+                                            self.accelerator.process_index)
         self._check_sam_fraction()
 
     def _default_compute_metrics(self, eval_pred) -> dict[str, float]:
@@ -200,9 +217,19 @@ class SharpBalanceTrainer(Trainer):
                 f"Use sam_fraction >= {1 / rows:.4g} (or sam_fraction=0 to ask for that).")
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, after refusing a SharpBalance run that would end before its first scoring."""
+        """`Trainer.train`, after refusing a SharpBalance run that would end before its first scoring.
+
+        Afterwards every process holds the whole trained ensemble (members mode included).
+        """
         self._check_schedule()
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        self._synchronize()
+        return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (call it on every process), the ensemble synchronised first."""
+        self._synchronize()
+        super().save_model(output_dir, _internal_call)
 
     def _check_schedule(self) -> None:
         """Refuse a SharpBalance run that would end before its first scoring (a SAM run under another name).
@@ -220,7 +247,7 @@ class SharpBalanceTrainer(Trainer):
             return
         batches = rows // args.per_device_train_batch_size if args.dataloader_drop_last else math.ceil(
             rows / args.per_device_train_batch_size)
-        per_process = math.ceil(batches / self.accelerator.num_processes)
+        per_process = math.ceil(batches / self.accelerator.num_processes) if self._data_mode else batches
         steps_per_epoch = max(math.ceil(per_process / args.gradient_accumulation_steps), 1)
         first_scoring_step = args.scoring_start_epoch * steps_per_epoch
         if first_scoring_step >= args.max_steps:
@@ -301,13 +328,16 @@ class SharpBalanceTrainer(Trainer):
         dataset, collate_fn = self._with_model_columns(self.train_dataset, "training")
         self._member_sampler = MemberBatchSampler(
             len(dataset), args.per_device_train_batch_size, args.member_seeds, drop_last=args.dataloader_drop_last)
-        params = {"batch_sampler": self._member_sampler, "collate_fn": collate_fn,
+        batch_sampler = self._member_sampler if self._data_mode else _OwnedMembers(self._member_sampler, self.owned_members)
+        params = {"batch_sampler": batch_sampler, "collate_fn": collate_fn,
                   "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory}
         if args.dataloader_num_workers > 0:
             params.update(persistent_workers=args.dataloader_persistent_workers,
                           prefetch_factor=args.dataloader_prefetch_factor, in_order=args.dataloader_in_order,
                           multiprocessing_context=args.dataloader_multiprocessing_context)
-        loader = self.accelerator.prepare(DataLoader(MemberStreamDataset(dataset, args.member_seeds), **params))
+        loader = DataLoader(MemberStreamDataset(dataset, args.member_seeds), **params)
+        if self._data_mode:  # shard whole steps across processes; in members mode each process reads its members' rows
+            loader = self.accelerator.prepare(loader)
         steps = len(loader)
         ga = args.gradient_accumulation_steps
         self._update_steps_per_epoch = max(steps // ga + int(steps % ga > 0), 1)
@@ -346,7 +376,7 @@ class SharpBalanceTrainer(Trainer):
         """Scores ``(m, N)`` float32 on CPU; process r scores rows ``[r N / W, (r + 1) N / W)``, then a sum-reduce."""
         acc, args = self.accelerator, self.args
         ensemble = self.ensemble
-        self._broadcast_buffers()
+        self._synchronize()
         dataset, collate_fn = self.scoring_data(epoch)
         n, world, rank = len(dataset), acc.num_processes, acc.process_index
         lo, hi = rank * n // world, (rank + 1) * n // world
@@ -388,7 +418,7 @@ class SharpBalanceTrainer(Trainer):
         m = self.ensemble.num_members
         counts = sum(torch.bincount(b["member_index"].reshape(-1).cpu(), minlength=m) for b in batch_samples)
         counts = counts.to(device)
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and self._data_mode:
             dist.all_reduce(counts)
         return counts
 
@@ -407,7 +437,8 @@ class SharpBalanceTrainer(Trainer):
         inputs = self._prepare_inputs(self._standard_labels(inputs))
         if num_items_in_batch is None:  # called outside the training loop: this micro-batch is the window
             world = self.accelerator.num_processes
-            num_items_in_batch = torch.bincount(member_index, minlength=ensemble.num_members) * world
+            num_items_in_batch = torch.bincount(member_index, minlength=ensemble.num_members) * (
+                world if self._data_mode else 1)
         counts = [int(c) for c in num_items_in_batch]
         micro = self._next_micro_step()
         total = torch.zeros((), device=self.args.device)
@@ -420,7 +451,7 @@ class SharpBalanceTrainer(Trainer):
             with self._member_rng(i, micro):
                 loss = self._member_step(i, batch, sam_mask, 1.0 / counts[i])
             total = total + loss * (rows.numel() / counts[i])
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and self._data_mode:
             _all_reduce_sum_grads(ensemble)
         every = self.args.torch_empty_cache_steps
         if every is not None and every > 0 and self.state.global_step % every == 0:
@@ -515,31 +546,53 @@ class SharpBalanceTrainer(Trainer):
             scaler.unscale_(getattr(self.optimizer, "optimizer", self.optimizer))
         norms = [torch.nn.utils.clip_grad_norm_([p for p in mem.parameters() if p.grad is not None],
                                                 self.args.max_grad_norm) for mem in self.ensemble.members]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if not self._data_mode:  # each process clipped its own members
+            sq = total.pow(2)
+            dist.all_reduce(sq)
+            total = sq.sqrt()
+        return total
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
         """The logged ``grad_norm`` of all members; without clipping it is read without unscaling (``/ scale``)."""
         if grad_norm is not None:
             return grad_norm
         grads = [p.grad for p in self.ensemble.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return self._unscaled(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float()))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float()) if grads else None
+        if not self._data_mode:  # each process holds its members' gradients
+            sq = norm.pow(2) if norm is not None else torch.zeros((), device=self.args.device)
+            dist.all_reduce(sq)
+            norm = sq.sqrt()
+        return None if norm is None else self._unscaled(norm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the per-member statistics of the same window
+        if "loss" in logs:  # a training log (every process logs it): add the per-member statistics of the window
+            if self.accelerator.num_processes > 1:
+                self._step_log.all_reduce()
             logs.update(self._step_log.drain())
         super().log(logs, start_time)
 
-    def _broadcast_buffers(self) -> None:
-        """Give every process rank 0's buffers (BatchNorm statistics), as DDP does at each forward.
+    @property
+    def _data_mode(self) -> bool:
+        return self.args.ensemble_parallelism == "data" or self.accelerator.num_processes == 1
 
-        Each process updates its running statistics on its own rows; evaluation and scoring must use one
-        set, or W processes would not equal one. Rank 0's is also the one saved.
+    def _synchronize(self) -> None:
+        """Give every process the same ensemble before evaluation, scoring and saving (a collective).
+
+        Data mode: rank 0's buffers (BatchNorm statistics), as DDP does at each forward; each process
+        updates its running statistics on its own rows. Members mode: each member's weights and buffers
+        from the process that trains it.
         """
-        if self.accelerator.num_processes > 1:
+        world = self.accelerator.num_processes
+        if world == 1:
+            return
+        if self._data_mode:
             for buffer in self.ensemble.buffers():
                 dist.broadcast(buffer.data, src=0)
+            return
+        for i, member in enumerate(self.ensemble.members):
+            for tensor in list(member.parameters()) + list(member.buffers()):
+                dist.broadcast(tensor.data, src=i % world)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
@@ -569,7 +622,7 @@ class SharpBalanceTrainer(Trainer):
         give the 1-process value. Loss-only evaluation still collects the (N, m, C) logits to do so.
         """
         loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
-        self._broadcast_buffers()
+        self._synchronize()
         compute_metrics = self.compute_metrics
         if loss_only:
             self.compute_metrics = None
@@ -629,7 +682,7 @@ class SharpBalanceTrainer(Trainer):
             raise ValueError(f"resume_from_checkpoint: {folder} holds no {SAFE_WEIGHTS_NAME}; pass a checkpoint folder "
                              "written by SharpBalanceTrainer (output_dir/checkpoint-<step>)")
         try:
-            safetensors.torch.load_model(self.ensemble, path, strict=True, device=str(self.args.device))
+            safetensors.torch.load_model(self.ensemble, path, strict=True, device="cpu")  # copied into place
         except RuntimeError as err:
             first = str(err).strip().splitlines()
             raise ValueError(
@@ -661,8 +714,27 @@ class SharpBalanceTrainer(Trainer):
             "scoring_history": list(self.scoring_history),
         }
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The stock save; in members mode the file holds every member's optimizer state (one format for any W)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._data_mode:
+            return
+        from accelerate.utils import gather_object
+
+        states = gather_object([self.optimizer.state_dict()])
+        if self.args.should_save:
+            merged = states[0]
+            for other in states[1:]:
+                merged["state"].update(other["state"])
+            torch.save(merged, os.path.join(output_dir, OPTIMIZER_NAME))
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and not self._data_mode:  # keep the state of this process's members only
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            owned = {id(p) for i in self.owned_members for p in self.ensemble.members[i].parameters()}
+            for p in [p for p in inner.state if id(p) not in owned]:
+                del inner.state[p]
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, STATE_NAME)
@@ -707,6 +779,34 @@ def _check_transform_columns(args: SharpBalanceConfig, **datasets_by_name) -> No
                 raise ValueError(
                     f"SharpBalanceConfig.remove_unused_columns=True would drop the columns that the transform of "
                     f"{name} (set by with_transform/set_transform) reads; set remove_unused_columns=False.")
+
+
+def _owned_members(num_members: int, args: SharpBalanceConfig, world: int, rank: int) -> list[int]:
+    """The members this process trains: all in data mode, ``{i : i mod W = rank}`` in members mode."""
+    if args.ensemble_parallelism == "data" or world == 1:
+        return list(range(num_members))
+    if world > num_members:
+        raise ValueError(f"SharpBalanceConfig.ensemble_parallelism='members' needs at most one process per member: "
+                         f"num_members={num_members}, {world} processes; use ensemble_parallelism='data' or launch "
+                         f"<= {num_members} processes")
+    return [i for i in range(num_members) if i % world == rank]
+
+
+class _OwnedMembers:
+    """A `MemberBatchSampler` yielding only the keys of the given members (members mode)."""
+
+    def __init__(self, sampler: MemberBatchSampler, members: list[int]) -> None:
+        self.sampler, self.members, self.batch_size = sampler, set(members), None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for keys in self.sampler:
+            yield [k for k in keys if k[0] in self.members]
 
 
 def _check_trainer_args(trainer: SharpBalanceTrainer, kwargs: dict, default_metrics: bool) -> None:

@@ -20,6 +20,8 @@ from sbtrainer import config as config_module
 from sbtrainer.config import INHERITED_FIELDS, INHERITED_STATUSES, inherited_fields_markdown
 
 TRAINING_FIELDS = [f.name for f in dataclasses.fields(TrainingArguments)]
+# Fields transformers added after the oldest supported version (5.17): audited, absent there.
+LATER_FIELDS = {"activation_checkpointing", "activation_checkpointing_kwargs"}
 
 
 # -- the table covers every field ---------------------------------------------------------------------
@@ -31,14 +33,15 @@ def test_every_inherited_field_is_audited(name):
 
 
 def test_table_lists_only_existing_fields():
-    assert sorted(set(INHERITED_FIELDS) - set(TRAINING_FIELDS)) == []
+    assert sorted(set(INHERITED_FIELDS) - set(TRAINING_FIELDS) - LATER_FIELDS) == []
 
 
 def test_markdown_table_names_every_field_once():
     table = inherited_fields_markdown()
     rows = table.splitlines()[2:]
     named = [n for row in rows for n in re.findall(r"`(\w+)`", row.split(" | ")[0])]
-    assert sorted(named) == sorted(TRAINING_FIELDS)
+    assert sorted(set(named) - (LATER_FIELDS - set(TRAINING_FIELDS))) == sorted(TRAINING_FIELDS)
+    assert len(named) == len(set(named))
     assert all(row.split(" | ")[1] in INHERITED_STATUSES for row in rows)
 
 
@@ -90,6 +93,8 @@ def test_refused_cases_cover_every_refused_row():
 
 @pytest.mark.parametrize(("name", "case"), CASES)
 def test_refused_field_raises_value_error_naming_it(tmp_path, name, case):
+    if name not in TRAINING_FIELDS:
+        pytest.skip(f"TrainingArguments.{name} does not exist in this transformers version")
     overrides = REFUSED[name][case]()
     with pytest.raises(ValueError) as err:
         make_args(tmp_path, **overrides)
