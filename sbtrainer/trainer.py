@@ -99,6 +99,7 @@ class _StepLog:
         self.ascent_norm = [0.0] * self.m
         self.ascents = [0] * self.m
         self.skipped = 0
+        self.skipped_steps = 0
 
     def add(self, i: int, mean_loss: torch.Tensor, rows: int, sam_rows: int, norm: torch.Tensor | None) -> None:
         """Record member i's sub-batch: its mean loss over ``rows`` rows, ``sam_rows`` of them under SAM."""
@@ -110,10 +111,10 @@ class _StepLog:
             self.ascents[i] += 1
             self.skipped = self.skipped + (~torch.isfinite(norm)).int()
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, steps_per_process: bool) -> None:
         """Sum the statistics over processes (members mode: each member's only on its owner; data mode: its rows)."""
         vals = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in
-                self.loss_sum + self.rows + self.sam_rows + self.ascent_norm + self.ascents + [self.skipped]]
+                self.loss_sum + self.rows + self.sam_rows + self.ascent_norm + self.ascents + [self.skipped, self.skipped_steps]]
         device = next((v.device for v in self.loss_sum if torch.is_tensor(v)), torch.device("cpu"))
         flat = torch.stack([v.to(device) for v in vals])
         if dist.get_backend() == "nccl" and flat.device.type != "cuda":
@@ -122,7 +123,10 @@ class _StepLog:
         flat = flat.cpu().tolist()
         m = self.m
         self.loss_sum, self.rows, self.sam_rows = flat[:m], [int(r) for r in flat[m:2 * m]], [int(r) for r in flat[2 * m:3 * m]]
-        self.ascent_norm, self.ascents, self.skipped = flat[3 * m:4 * m], [int(a) for a in flat[4 * m:5 * m]], int(flat[5 * m])
+        self.ascent_norm, self.ascents = flat[3 * m:4 * m], [int(a) for a in flat[4 * m:5 * m]]
+        # data mode: every process skips the same steps (one all-reduced gradient); members mode: each its own
+        steps = int(flat[5 * m + 1])
+        self.skipped, self.skipped_steps = int(flat[5 * m]), steps if steps_per_process else steps // dist.get_world_size()
 
     def drain(self) -> dict[str, float]:
         """Per-row means since the last drain, as floats; resets."""
@@ -136,6 +140,7 @@ class _StepLog:
             if self.ascents[i]:
                 out[f"member_{i}_ascent_grad_norm"] = float(self.ascent_norm[i]) / self.ascents[i]
         out["skipped_ascents"] = float(self.skipped)
+        out["skipped_optimizer_steps"] = float(self.skipped_steps)
         self.reset()
         return out
 
@@ -188,6 +193,7 @@ class SharpBalanceTrainer(Trainer):
         self._micro = (-1, -1)  # (global_step, micro-step index) of the last training_step
         self._update_steps_per_epoch: int | None = None
         self._masks_by_hand = False
+        self._skip_checked_step = 0
         self.owned_members = _owned_members(model.num_members, args, self.accelerator.num_processes,
                                             self.accelerator.process_index)
         self._check_sam_fraction()
@@ -441,6 +447,8 @@ class SharpBalanceTrainer(Trainer):
                 world if self._data_mode else 1)
         counts = [int(c) for c in num_items_in_batch]
         micro = self._next_micro_step()
+        if micro == 0:
+            self._count_skipped_step()
         total = torch.zeros((), device=self.args.device)
         for i in range(ensemble.num_members):
             rows = torch.nonzero(member_index == i).squeeze(1)
@@ -458,6 +466,14 @@ class SharpBalanceTrainer(Trainer):
             clear_device_cache()
         # The stock loop averages the logged loss over processes; each process holds its share of the sum.
         return total.detach() * (self.accelerator.num_processes / ensemble.num_members)
+
+    def _count_skipped_step(self) -> None:
+        """Count the last optimizer step if the loss scaler skipped it (inf/NaN gradients), once per step."""
+        step = self.state.global_step
+        if step > 0 and self._skip_checked_step != step:
+            self._skip_checked_step = step
+            if self.accelerator.optimizer_step_was_skipped:
+                self._step_log.skipped_steps += 1
 
     def _member_step(self, i: int, batch: dict, sam_mask: torch.Tensor, row_weight: float) -> torch.Tensor:
         """Add member i's gradient of ``row_weight * sum of its per-row losses`` to ``.grad``; return the mean loss at θ.
@@ -567,8 +583,9 @@ class SharpBalanceTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (every process logs it): add the per-member statistics of the window
+            self._count_skipped_step()
             if self.accelerator.num_processes > 1:
-                self._step_log.all_reduce()
+                self._step_log.all_reduce(steps_per_process=not self._data_mode)
             logs.update(self._step_log.drain())
         super().log(logs, start_time)
 
