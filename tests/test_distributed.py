@@ -36,3 +36,28 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     assert torch.equal(dist["masks"], single.sam_masks)
     for (name, a), b in zip(dist["weights"].items(), single.ensemble.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_two_simulated_nodes_equal_one_process_with_accumulation(tmp_path):
+    """`torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1` (static rendezvous on this machine): every node has
+    local rank 0, so anything keyed on the local rank instead of the global one would show here."""
+    result = tmp_path / "nodes.pt"
+    port = str(_free_port())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    worker = os.path.join(os.path.dirname(__file__), "_dist_trainer_worker.py")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, worker,
+                               str(tmp_path / f"node{r}"), str(result)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    nodes = torch.load(result, weights_only=False)
+    assert nodes["world"] == 2
+    assert not (tmp_path / "node1" / "out").exists() or not any((tmp_path / "node1" / "out").iterdir())
+    single = make_trainer(make_args(tmp_path / "s", gradient_accumulation_steps=2, **RUN), mlp, vector_data(n=16))
+    single.train()
+    assert nodes["history"] == single.scoring_history
+    assert torch.equal(nodes["masks"], single.sam_masks)
+    for (name, a), b in zip(nodes["weights"].items(), single.ensemble.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
