@@ -374,15 +374,37 @@ class SharpBalanceConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        scoring_start_given = self.scoring_start_epoch is not None
+        # What the user gave, so that derived values can be derived again (`rederive`).
+        self._given = {"scoring_start_epoch": self.scoring_start_epoch is not None,
+                       "member_seeds": self.member_seeds is not None}
         self._check_inherited()  # before transformers resolves aliases, compile defaults and plugins
         super().__post_init__()
         self._check_inherited_resolved()
+        self._check_own_fields()
+
+    def _check_own_fields(self) -> None:
         self._check_choices()
         self._check_members()
         self._check_ranges()
         self._check_schedule()
-        self._check_method_combinations(scoring_start_given)
+        self._check_method_combinations(self._given["scoring_start_epoch"])
+
+    def rederive(self) -> None:
+        """Validate the SharpBalance fields again and derive the defaults again from the current values.
+
+        For fields set after construction, e.g. by `Trainer.hyperparameter_search`, which sets attributes
+        without running ``__post_init__``: ``member_seeds`` (``seed + i``) and ``scoring_start_epoch`` (half of
+        ``num_train_epochs``) are derived again unless the user gave them; ``member_rhos``, when given,
+        still overrides ``rho``.
+
+        Raises:
+            ValueError: as the constructor.
+        """
+        if not self._given["member_seeds"]:
+            self.member_seeds = None
+        if not self._given["scoring_start_epoch"]:
+            self.scoring_start_epoch = None
+        self._check_own_fields()
 
     # -- validation of the inherited fields ------------------------------------------------------------
     def _check_inherited(self) -> None:

@@ -151,6 +151,9 @@ class SharpBalanceTrainer(Trainer):
     Args:
         model: the ensemble.
         args: the config.
+        model_init: (keyword) ``() -> EnsembleModel`` or ``(trial) -> EnsembleModel`` instead of ``model``, as for
+            `Trainer.hyperparameter_search`: every trial builds its own ensemble, re-derives the config's derived
+            fields for the trial's values and starts with no masks, scores or scoring history.
         score_dataset: the training set's eval-time view (same rows, no augmentation) used for per-sample
             sharpness; defaults to ``train_dataset`` itself.
         score_loss_fn: the per-sample loss whose squared gradient norm is a row's sharpness score; default the
@@ -162,8 +165,13 @@ class SharpBalanceTrainer(Trainer):
         **kwargs: every other `Trainer` argument (datasets, collator, callbacks, optimizers, ...).
     """
 
-    def __init__(self, model: EnsembleModel, args: SharpBalanceConfig, score_dataset=None,
+    def __init__(self, model: EnsembleModel | None = None, args: SharpBalanceConfig | None = None, score_dataset=None,
                  score_loss_fn: MemberLoss | None = None, **kwargs) -> None:
+        model_init = kwargs.pop("model_init", None)
+        if model is None and model_init is not None:  # built once here; each trial of a search builds its own
+            from transformers.trainer_utils import number_of_arguments
+
+            model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
         _check_inputs(model, args, kwargs.get("train_dataset"), score_dataset)
         _check_transform_columns(args, train_dataset=kwargs.get("train_dataset"), eval_dataset=kwargs.get("eval_dataset"),
                                  score_dataset=score_dataset)
@@ -180,6 +188,7 @@ class SharpBalanceTrainer(Trainer):
         finally:
             args.label_smoothing_factor = smoothing
         _check_trainer_args(self, kwargs, default_metrics)
+        self.model_init = model_init
         self.model_accepts_loss_kwargs = False  # EnsembleModel.forward(**inputs) does not scale for num_items_in_batch
         self._label_column = _label_column(args)
         self.score_loss_fn: MemberLoss = score_loss_fn if score_loss_fn is not None else cross_entropy_per_sample
@@ -197,6 +206,31 @@ class SharpBalanceTrainer(Trainer):
         self.owned_members = _owned_members(model.num_members, args, self.accelerator.num_processes,
                                             self.accelerator.process_index)
         self._check_sam_fraction()
+
+    # -- hyper-parameter search ----------------------------------------------------------------------
+    def _hp_search_setup(self, trial) -> None:
+        """The stock set-up (sets the trial's values on ``args``), then the config derived again, state reset."""
+        super()._hp_search_setup(trial)
+        self.args.rederive()
+        self._reset_scoring_state()
+
+    def _reset_scoring_state(self) -> None:
+        self.sam_masks = self.sample_scores = self.last_scored_epoch = None
+        self.scoring_history = []
+        self._masks_by_hand = False
+
+    def call_model_init(self, trial=None) -> EnsembleModel:
+        """The stock ``model_init`` call, with the new ensemble checked and given the config's reduction."""
+        model = super().call_model_init(trial)
+        self._reset_scoring_state()  # the masks and scores belong to the previous ensemble
+        _check_inputs(model, self.args, self.train_dataset, self.score_dataset)
+        _set_reduction(model, self.args)
+        self._train_loss_fn = _training_loss(model, self.args)
+        self._step_log = _StepLog(model.num_members)
+        self.owned_members = _owned_members(model.num_members, self.args, self.accelerator.num_processes,
+                                            self.accelerator.process_index)
+        self._check_sam_fraction()
+        return model
 
     def _default_compute_metrics(self, eval_pred) -> dict[str, float]:
         """`sbtrainer.metrics.ensemble_metrics` with the ensemble's own reduction (read at call time)."""
