@@ -23,6 +23,7 @@ RUNS = {
     "memory": ["memory.py", "--smoke"],
     "gpu_check": ["gpu_check.py", "--device", "cpu", "--tiny", "--bf16", "on", "--hide-datasets"],
     "data_pipeline": ["data_pipeline.py", "--smoke"],
+    "members_parallel": ["members_parallel.py", "--smoke"],
 }
 
 
@@ -107,3 +108,9 @@ def test_data_pipeline(results):
     for r in res["pipelines"]:
         assert finite_pos(r["images_per_s"])
     assert any(r["pipeline"].startswith("sbtrainer w0") for r in res["pipelines"])
+
+
+def test_members_parallel(results):
+    (row,) = results["members_parallel"]["results"]
+    assert finite_pos(row["w1_wall_s"]) and finite_pos(row["w3_wall_s"]) and finite_pos(row["ratio"])
+    assert row["ratio"] == pytest.approx(row["w3_wall_s"] / row["w1_wall_s"]) and row["ideal_ratio"] == pytest.approx(1 / 3)
