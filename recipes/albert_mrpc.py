@@ -25,13 +25,19 @@ import datasets
 import numpy as np
 from recipe_utils import (
     CommonArgs,
+    RecipeError,
+    check_resume,
     headline,
+    log_subset,
     member_sharpness,
     parse_args,
+    phase,
+    random_subset,
     run_script,
     save_ensemble,
     scoring_summary,
     setup_logging,
+    start_run,
     write_report,
 )
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
@@ -62,16 +68,37 @@ class MrpcArgs(CommonArgs):
 # ----------------------------------------------------------------------------- data, tokenizer, model
 
 
-def load_mrpc(args: MrpcArgs) -> datasets.DatasetDict:
-    """MRPC train and validation splits (columns sentence1, sentence2, label)."""
-    config_name = None if os.path.isdir(args.dataset_name) else args.dataset_config_name
-    raw = datasets.load_dataset(args.dataset_name, config_name)
+MRPC_COLUMNS = ("sentence1", "sentence2", "label")
+
+
+def load_mrpc(args: MrpcArgs) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """MRPC train and validation splits (columns sentence1, sentence2, label), and their row and class counts.
+
+    ``--max_train_samples``/``--max_eval_samples`` rows are drawn at random with ``--subset_seed``
+    (`random_subset`), not the first rows.
+
+    Raises:
+        RecipeError: a missing local folder, split or column, naming ``--dataset_name`` and what it needs.
+    """
+    local = os.path.isdir(args.dataset_name)
+    if not local and args.dataset_name.startswith((".", "/", "~")):
+        raise RecipeError(f"--dataset_name {args.dataset_name}: no such folder; pass nyu-mll/glue or a folder laid "
+                          f"out like its 'mrpc' configuration")
+    raw = datasets.load_dataset(args.dataset_name, None if local else args.dataset_config_name)
+    if not {"train", "validation"} <= set(raw):
+        raise RecipeError(f"--dataset_name {args.dataset_name} has splits {list(raw)}; MRPC needs 'train' and "
+                          f"'validation'")
     train, valid = raw["train"], raw["validation"]
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        valid = valid.select(range(min(args.max_eval_samples, len(valid))))
-    return datasets.DatasetDict(train=train, validation=valid)
+    for name, split in (("train", train), ("validation", valid)):
+        missing = [c for c in MRPC_COLUMNS if c not in split.column_names]
+        if missing:
+            raise RecipeError(f"--dataset_name {args.dataset_name}: the {name} split has no column {missing} "
+                              f"(columns: {split.column_names}); MRPC needs {list(MRPC_COLUMNS)}")
+    n_train, n_valid = len(train), len(valid)
+    train = random_subset(train, args.max_train_samples, args.subset_seed, "--max_train_samples")
+    valid = random_subset(valid, args.max_eval_samples, args.subset_seed, "--max_eval_samples")
+    subsets = {**log_subset("train", train, "label", n_train), **log_subset("test", valid, "label", n_valid)}
+    return datasets.DatasetDict(train=train, validation=valid), subsets
 
 
 def tiny_tokenizer(texts: list[str], vocab_size: int = 2000):
@@ -108,7 +135,11 @@ def tokenizer_and_factory(args: MrpcArgs, train: datasets.Dataset):
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=2)
     if args.model_config_overrides:
-        config.update_from_string(args.model_config_overrides)
+        try:
+            config.update_from_string(args.model_config_overrides)
+        except ValueError as err:
+            raise RecipeError(f"--model_config_overrides {args.model_config_overrides!r}: {err}; write 'key=value' "
+                              f"pairs separated by commas, with keys of {type(config).__name__}") from None
     if args.tiny:
         from transformers import AlbertForSequenceClassification
 
@@ -178,14 +209,17 @@ def compute_metrics_with_glue(reduction: str, glue_compute):
 def main() -> dict[str, Any]:
     args, config = parse_args(MrpcArgs)
     setup_logging(config)
+    facts = start_run(args, config)
     set_seed(config.seed)
 
-    raw = load_mrpc(args)
-    tokenizer, factory = tokenizer_and_factory(args, raw["train"])
-    data = tokenize(raw, tokenizer, args.max_seq_length)
+    raw, subsets = load_mrpc(args)
+    with phase("building the tokenizer and tokenizing"):
+        tokenizer, factory = tokenizer_and_factory(args, raw["train"])
+        data = tokenize(raw, tokenizer, args.max_seq_length)
 
     ensemble = EnsembleModel.from_factory(factory, config.num_members, config.member_seeds,
                                           reduction=config.ensemble_reduction, input_name="input_ids")
+    check_resume(ensemble, config)
     glue_compute, source = glue_metric()
     logger.info("MRPC accuracy/F1 computed with %s", "evaluate.load('glue', 'mrpc')" if source == "evaluate" else "sklearn")
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=data["train"],
@@ -193,18 +227,21 @@ def main() -> dict[str, Any]:
                                   compute_metrics=compute_metrics_with_glue(config.ensemble_reduction, glue_compute))
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
                                "model": "tiny-albert" if args.tiny else args.model_name_or_path,
-                               "glue_metric_source": source}
-    results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
+                               "glue_metric_source": source, **facts, **subsets}
+    with phase(f"training {config.num_members} members ({config.ensemble_method})"):
+        results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     results.update(scoring_summary(trainer))
-    results.update(trainer.evaluate())
+    with phase("evaluating on the validation set"):
+        results.update(trainer.evaluate())
 
     if trainer.is_world_process_zero():
-        results.update(member_sharpness(trainer.ensemble, data["train"], args, seed=config.seed))
-        write_report(results, config.output_dir, config.ensemble_method)
-        metrics = {**headline(results, ["eval"]), "eval_glue_accuracy": results["eval_glue_accuracy"],
-                   "eval_glue_f1": results["eval_glue_f1"]}
-        base = None if args.tiny else args.model_name_or_path
-        save_ensemble(trainer.ensemble, args, config, metrics, base_model=base, processor=tokenizer)
+        results.update(member_sharpness(trainer.ensemble, data["train"], args, disable_tqdm=config.disable_tqdm))
+        with phase(f"writing the report and the ensemble to {config.output_dir}"):
+            write_report(results, config.output_dir, config.ensemble_method)
+            metrics = {**headline(results, ["eval"]), "eval_glue_accuracy": results["eval_glue_accuracy"],
+                       "eval_glue_f1": results["eval_glue_f1"]}
+            base = None if args.tiny else args.model_name_or_path
+            save_ensemble(trainer.ensemble, args, config, metrics, base_model=base, processor=tokenizer)
     trainer.accelerator.wait_for_everyone()
     return results
 

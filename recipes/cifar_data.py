@@ -9,14 +9,22 @@ folder laid out like them (e.g. ``../shared/data/cifar10``).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import torchvision.transforms as T
+from recipe_utils import RecipeError, log_subset, phase, random_subset
 
-from sbtrainer.data import SEVERITIES, corruptions_for, iter_cifar_c, iter_corrupted_datasets
+from sbtrainer.data import (
+    SEVERITIES,
+    corruptions_for,
+    evaluate_corruptions,
+    iter_cifar_c,
+    iter_corrupted_datasets,
+)
 
 logger = logging.getLogger("sbtrainer.recipes.cifar_data")
 
@@ -40,25 +48,81 @@ class CifarDataArgs:
         "help": "Folder of the published CIFAR-10-C / CIFAR-100-C files (<corruption>.npy, labels.npy)."})
     corrupt_offline: bool = field(default=False, metadata={
         "help": "Without --cifar_c_dir: generate a CIFAR-C-like set from the test set with sbtrainer.data."})
-    corrupt_samples: int = field(default=1000, metadata={"help": "Test images corrupted per set (--corrupt_offline)."})
+    corrupt_samples: int = field(default=1000, metadata={
+        "help": "Test images corrupted per set (--corrupt_offline), drawn at random with --subset_seed."})
     corruptions: list[str] = field(default_factory=list, metadata={
         "help": "Corruptions to evaluate (default: the 15 of CIFAR-10-C)."})
     severities: list[int] = field(default_factory=lambda: list(SEVERITIES), metadata={"help": "Severities (1..5)."})
 
 
-def load_cifar(args: CifarDataArgs, max_train: int | None = None, max_eval: int | None = None) -> dict[str, Any]:
-    """Raw train/test splits (no transform), their image and label columns and the number of classes."""
-    raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+def _load(args: CifarDataArgs) -> Any:
+    """``datasets.load_dataset(--dataset_name, --dataset_config_name)``; a missing local folder is a `RecipeError`."""
+    looks_local = args.dataset_name.startswith((".", "/", "~")) or args.dataset_name.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
+        raise RecipeError(f"--dataset_name {args.dataset_name}: no such folder; pass a Hub id (uoft-cs/cifar10) or "
+                          f"a local folder that datasets.load_dataset reads")
+    return datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+
+
+def _columns(args: CifarDataArgs, train: Any) -> tuple[str, str]:
+    """The image and label columns, checked: named ones must exist, defaults must be found; else `RecipeError`."""
+    cols, feats = train.column_names, train.features
+    if args.image_column is not None:
+        image_col = args.image_column
+        if image_col not in cols:
+            raise RecipeError(f"--image_column {image_col!r} is not a column of {args.dataset_name} (columns: {cols}); "
+                              f"pass one of them")
+    else:
+        image_col = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
+        if image_col is None:
+            raise RecipeError(f"{args.dataset_name} has no image column (columns: {cols}); pass --image_column")
+    if args.label_column is not None:
+        label_col = args.label_column
+        if label_col not in cols:
+            raise RecipeError(f"--label_column {label_col!r} is not a column of {args.dataset_name} (columns: {cols}); "
+                              f"pass the column that holds the integer class labels")
+    else:
+        label_col = next((c for c in ("label", "fine_label", "labels") if c in cols), None)
+        if label_col is None:
+            raise RecipeError(f"{args.dataset_name} has no label column named label, fine_label or labels "
+                              f"(columns: {cols}); pass --label_column")
+    feature = feats[label_col]
+    if not (isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value)
+                                                         and feature.dtype.startswith(("int", "uint")))):
+        raise RecipeError(f"--label_column {label_col!r} holds {feature}, not integer class labels; pass the column "
+                          f"that does")
+    return image_col, label_col
+
+
+def load_cifar(args: CifarDataArgs, max_train: int | None = None, max_eval: int | None = None,
+               seed: int = 0) -> dict[str, Any]:
+    """Raw train/test splits (no transform), their image and label columns, the number of classes and the subsets.
+
+    ``max_train``/``max_eval`` rows are drawn at random with ``seed`` (`random_subset`), never the first
+    rows: a copy stored in class order would give one class. Returns ``{"train", "test", "image_col",
+    "label_col", "num_classes", "subsets"}``; ``subsets`` holds the rows and class counts of both splits
+    (logged, and written to ``results.json`` by the recipes).
+
+    Raises:
+        RecipeError: a missing local folder, split, image or label column (naming the option to pass).
+    """
+    raw = _load(args)
+    if "train" not in raw or not ({"test", "validation"} & set(raw)):
+        raise RecipeError(f"--dataset_name {args.dataset_name} has splits {list(raw)}; it needs 'train' and "
+                          f"'test' (or 'validation')")
     train, test = raw["train"], raw["test"] if "test" in raw else raw["validation"]
-    image_col = args.image_column or next(k for k, f in train.features.items() if isinstance(f, datasets.Image))
-    label_col = args.label_column or next(c for c in ("label", "fine_label", "labels") if c in train.column_names)
+    image_col, label_col = _columns(args, train)
+    if label_col not in test.column_names:
+        raise RecipeError(f"--label_column {label_col!r} is missing from the test split of {args.dataset_name} "
+                          f"(columns: {test.column_names})")
     feature = train.features[label_col]
     num_classes = feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(max(train[label_col])) + 1
-    if max_train is not None:
-        train = train.select(range(min(max_train, len(train))))
-    if max_eval is not None:
-        test = test.select(range(min(max_eval, len(test))))
-    return {"train": train, "test": test, "image_col": image_col, "label_col": label_col, "num_classes": num_classes}
+    n_train, n_test = len(train), len(test)
+    train = random_subset(train, max_train, seed, "--max_train_samples")
+    test = random_subset(test, max_eval, seed, "--max_eval_samples")
+    subsets = {**log_subset("train", train, label_col, n_train), **log_subset("test", test, label_col, n_test)}
+    return {"train": train, "test": test, "image_col": image_col, "label_col": label_col, "num_classes": num_classes,
+            "subsets": subsets}
 
 
 def cifar_transforms(
@@ -100,19 +164,38 @@ def ood_prefix(num_classes: int) -> str:
     return {10: "cifar10c", 100: "cifar100c"}.get(num_classes, "ood")
 
 
-def corrupted_sets(args: CifarDataArgs, data: dict[str, Any], seed: int) -> Iterable[tuple[str, int, Any]] | None:
-    """``(corruption, severity, raw dataset)`` sets: published CIFAR-C, generated offline, or None (neither asked)."""
+def corrupted_sets(args: CifarDataArgs, data: dict[str, Any], seed: int,
+                   progress: bool = False) -> tuple[Iterable[tuple[str, int, Any]] | None, dict[str, Any]]:
+    """``(sets, facts)``: the ``(corruption, severity, raw dataset)`` sets and what they were made of.
+
+    ``sets`` comes from the published CIFAR-C folder (``--cifar_c_dir``, every image), is generated
+    offline (``--corrupt_offline``: ``--corrupt_samples`` test rows drawn at random with ``seed`` (the
+    ``--subset_seed``), corrupted with noise seeded by it too, a progress bar per set when ``progress``),
+    or is None (neither asked). ``facts`` holds ``corrupt_rows`` and ``corrupt_class_counts`` of the
+    generated sets (logged), else nothing.
+    """
     image_col, label_col = data["image_col"], data["label_col"]
     if args.cifar_c_dir:
         return iter_cifar_c(args.cifar_c_dir, args.corruptions or None, args.severities, image_column=image_col,
-                            label_column=label_col)
+                            label_column=label_col), {}
     if not args.corrupt_offline:
         logger.warning("No --cifar_c_dir and no --corrupt_offline: skipping the corrupted-data evaluation.")
-        return None
-    first = data["test"].select(range(min(args.corrupt_samples, len(data["test"]))))
+        return None, {}
+    rows = random_subset(data["test"], args.corrupt_samples, seed, "--corrupt_samples")
+    facts = log_subset("corrupt", rows, label_col, len(data["test"]))
     names = args.corruptions or list(corruptions_for((32, 32, 3)))
-    return iter_corrupted_datasets(first, image_col, names, args.severities, seed=seed, label_column=label_col,
-                                   output_image_column=image_col, progress=False)
+    logger.info("corrupted sets: %d corruptions x %d severities of %d images, generated as they are evaluated",
+                len(names), len(args.severities), len(rows))
+    return iter_corrupted_datasets(rows, image_col, names, args.severities, seed=seed, label_column=label_col,
+                                   output_image_column=image_col, progress=progress), facts
+
+
+def evaluate_corrupted(trainer: Any, eval_tf: Callable, data: dict[str, Any], sets: Iterable[tuple[str, int, Any]],
+                       prefix: str) -> dict[str, float]:
+    """`evaluate_corruptions` of ``trainer`` on ``sets`` (a logged phase, a bar over sets unless ``disable_tqdm``)."""
+    with phase(f"evaluating on the corrupted sets ({prefix})"):
+        return evaluate_corruptions(evaluate_on(trainer, eval_tf, data), sets, prefix=prefix,
+                                    disable_tqdm=trainer.args.disable_tqdm)
 
 
 def evaluate_on(trainer: Any, eval_tf: Callable, data: dict[str, Any]) -> Callable[[Any, str], dict]:

@@ -9,7 +9,7 @@ Paper setup (App. D.3, Table 1): 3 members, 200 epochs, batch 128, SGD lr 0.1 mo
 clipping; SAM/SharpBalance ρ = 0.2; SharpBalance k = 0.4 (CIFAR-10) / 0.5 (CIFAR-100), Td = 100.
 Evaluation: the clean test set (``trainer.evaluate``); CIFAR-10-C / CIFAR-100-C from ``--cifar_c_dir``
 (the published ``.npy`` folder) or, with ``--corrupt_offline``, a CIFAR-C-like set that `sbtrainer.data`
-generates from the first ``--corrupt_samples`` test images; the adaptive worst-case sharpness of every
+generates from ``--corrupt_samples`` test images drawn at random with ``--subset_seed``; the adaptive worst-case sharpness of every
 member on the training set. Writes results.json/.md, summary.md and figures into ``output_dir`` and the
 ensemble into ``output_dir/ensemble``.
 """
@@ -23,27 +23,29 @@ from cifar_data import (
     CifarDataArgs,
     cifar_transforms,
     corrupted_sets,
-    evaluate_on,
+    evaluate_corrupted,
     load_cifar,
     ood_prefix,
     views,
 )
 from recipe_utils import (
     CommonArgs,
+    check_resume,
     headline,
     member_sharpness,
     paper_sgd,
     parse_args,
+    phase,
     run_script,
     save_ensemble,
     scoring_summary,
     setup_logging,
+    start_run,
     write_report,
 )
 from transformers import set_seed
 
 from sbtrainer import EnsembleModel, SharpBalanceTrainer
-from sbtrainer.data import evaluate_corruptions
 from sbtrainer.models import cifar_resnet
 
 
@@ -66,32 +68,38 @@ def main() -> dict[str, Any]:
     args, config = parse_args(CifarArgs)
     config.remove_unused_columns = False  # the transforms read the raw image column
     setup_logging(config)
+    facts = start_run(args, config)
     set_seed(config.seed)
 
-    data = load_cifar(args, args.max_train_samples, args.max_eval_samples)
+    data = load_cifar(args, args.max_train_samples, args.max_eval_samples, seed=args.subset_seed)
     train_tf, eval_tf = cifar_transforms(data["num_classes"])
     train, score, test = views(data, train_tf, eval_tf)
 
     ensemble = EnsembleModel.from_factory(build_member(args, data["num_classes"]), config.num_members,
                                           config.member_seeds, reduction=config.ensemble_reduction)
+    check_resume(ensemble, config)
     optimizers = paper_sgd(ensemble, config, len(train), args.momentum, args.lr_milestones, args.lr_gamma)
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train, eval_dataset=test,
                                   score_dataset=score, optimizers=optimizers)
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
-                               "num_train_rows": len(train), "num_test_rows": len(test)}
-    results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
+                               "num_train_rows": len(train), "num_test_rows": len(test), **facts, **data["subsets"]}
+    with phase(f"training {config.num_members} members ({config.ensemble_method})"):
+        results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     results.update(scoring_summary(trainer))
 
-    results.update(trainer.evaluate())
+    with phase("evaluating on the test set"):
+        results.update(trainer.evaluate())
     prefix = ood_prefix(data["num_classes"])
-    sets = corrupted_sets(args, data, config.seed)
+    sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
+    results.update(corrupt_facts)
     if sets is not None:
-        results.update(evaluate_corruptions(evaluate_on(trainer, eval_tf, data), sets, prefix=prefix))
+        results.update(evaluate_corrupted(trainer, eval_tf, data, sets, prefix))
 
     if trainer.is_world_process_zero():
-        results.update(member_sharpness(trainer.ensemble, score, args, seed=config.seed))
-        write_report(results, config.output_dir, config.ensemble_method, ood_prefix=prefix)
-        save_ensemble(trainer.ensemble, args, config, headline(results, ["eval", f"{prefix}_all"]))
+        results.update(member_sharpness(trainer.ensemble, score, args, disable_tqdm=config.disable_tqdm))
+        with phase(f"writing the report and the ensemble to {config.output_dir}"):
+            write_report(results, config.output_dir, config.ensemble_method, ood_prefix=prefix)
+            save_ensemble(trainer.ensemble, args, config, headline(results, ["eval", f"{prefix}_all"]))
     trainer.accelerator.wait_for_everyone()
     return results
 

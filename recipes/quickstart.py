@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 import transformers
+from recipe_utils import thread_info
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
@@ -68,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam_fraction", type=float, default=0.5, help="SharpBalance's k")
     p.add_argument("--ood_samples", type=int, default=450, help="test images corrupted per (corruption, severity)")
     p.add_argument("--sharpness_batches", type=int, default=50, help="batches of 5 training images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the members (their init, data order, dropout)")
+    p.add_argument("--subset_seed", type=int, default=0,
+                   help="seed of the data choices: the --ood_samples test rows (drawn at random), their corruption "
+                        "noise and the sharpness batches; --seed does not change them")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for this tiny CNN and immune to oversubscribed CPUs")
     return p.parse_args(argv)
@@ -104,6 +108,13 @@ def load_data(split_seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return train_test_split(images, digits.target, test_size=0.25, stratify=digits.target, random_state=split_seed)
+
+
+def ood_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Indices of ``k`` of ``n`` test rows drawn at random with ``seed`` (all ``n`` if ``k >= n``), in increasing order."""
+    if k < 1:
+        raise SystemExit(f"quickstart.py: error: --ood_samples must be >= 1; got {k}")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k]) if k < n else np.arange(n)
 
 
 def corrupted_sets(images: np.ndarray, labels: np.ndarray, seed: int) -> list[tuple[str, int, DigitsDataset]]:
@@ -149,16 +160,16 @@ def run_method(args, method, train, test, sets, bar) -> tuple[dict, EnsembleMode
     trainer.remove_callback(PrinterCallback)  # the table is the output; no per-log prints
     start = time.perf_counter()
     trainer.train()
-    results = {"method": method, "train_seconds": time.perf_counter() - start}
+    results = {"method": method, "train_seconds": time.perf_counter() - start, **thread_info()}
     bar.update()
     bar.set_postfix_str(f"{method}: evaluating")
     results.update(evaluate(ensemble, test, "eval"))
-    pooled = evaluate_corruptions(lambda ds, prefix: evaluate(ensemble, ds, prefix), sets, prefix=OOD)
+    pooled = evaluate_corruptions(lambda ds, prefix: evaluate(ensemble, ds, prefix), sets, prefix=OOD, disable_tqdm=True)
     results.update({k: v for k, v in pooled.items() if "_severity_" in k or "_all_" in k or k.endswith("_accuracy")})
     bar.update()
     bar.set_postfix_str(f"{method}: sharpness")
     results.update(ensemble_sharpness(ensemble.members, train, rho0=0.5, steps=10, batch_size=5,
-                                      num_batches=args.sharpness_batches, seed=args.seed, disable_tqdm=True))
+                                      num_batches=args.sharpness_batches, seed=args.subset_seed, disable_tqdm=True))
     if trainer.scoring_history:
         results["scoring_epochs"] = [h["epoch"] for h in trainer.scoring_history]
         results["sam_set_fraction"] = trainer.sam_masks.float().mean().item()
@@ -207,15 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = DigitsDataset(x_train, y_train), DigitsDataset(x_test, y_test)
     with tqdm(total=1 + 3 * len(METHODS), desc="quickstart", file=sys.stderr) as bar:
         bar.set_postfix_str("corrupting the test set")
-        sets = corrupted_sets(x_test[: args.ood_samples], y_test[: args.ood_samples], args.seed)
+        rows = ood_rows(len(x_test), args.ood_samples, args.subset_seed)
+        sets = corrupted_sets(x_test[rows], y_test[rows], args.subset_seed)
         bar.update()
         by_method, ensembles = {}, {}
         for method in METHODS:
             by_method[method], ensembles[method] = run_method(args, method, train, test, sets, bar)
     table = write_outputs(args, by_method, ensembles, time.perf_counter() - start)
     print(table)
-    print(f"EIR, DER and OOD acc on the corrupted test sets. Wall time {time.perf_counter() - start:.0f} s. "
-          f"Tables, figures and ensembles in {args.output_dir}/")
+    print(f"EIR, DER and OOD acc on the corrupted test sets. Wall time {time.perf_counter() - start:.0f} s on "
+          f"{torch.get_num_threads()} torch thread(s). Tables, figures and ensembles in {args.output_dir}/")
     return by_method
 
 

@@ -17,6 +17,7 @@ ensemble into ``output_dir/ensemble/<method>_rho<ρ>``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,14 +26,24 @@ from typing import Any
 
 import numpy as np
 from accelerate import PartialState
-from cifar_data import cifar_transforms, corrupted_sets, evaluate_on, load_cifar, ood_prefix, views
+from cifar_data import cifar_transforms, corrupted_sets, evaluate_corrupted, load_cifar, ood_prefix, views
 from cifar_resnet import CifarArgs, build_member
-from recipe_utils import member_sharpness, paper_sgd, parse_args, run_script, save_ensemble, setup_logging
+from recipe_utils import (
+    member_sharpness,
+    paper_sgd,
+    parse_args,
+    phase,
+    run_script,
+    save_ensemble,
+    setup_logging,
+    start_run,
+)
 from transformers import set_seed
 
 from sbtrainer import EnsembleModel, SharpBalanceConfig, SharpBalanceTrainer
-from sbtrainer.data import evaluate_corruptions
 from sbtrainer.report import markdown_comparison_table, plot_sharpness_diversity, write_results
+
+logger = logging.getLogger("sbtrainer.recipes.tradeoff")
 
 POINT_KEYS = ("sharpness", "der", "variance", "kl", "eir", "member_accuracy", "ensemble_accuracy")
 
@@ -63,17 +74,19 @@ def train_point(args: TradeoffArgs, config: SharpBalanceConfig, data: dict, sets
     optimizers = paper_sgd(ensemble, config, len(train), args.momentum, args.lr_milestones, args.lr_gamma)
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train, eval_dataset=test,
                                   score_dataset=score, optimizers=optimizers)
-    trainer.train()
-    results = dict(trainer.evaluate())
+    with phase(f"training {config.num_members} members ({config.ensemble_method}, rho {config.rho:g})"):
+        trainer.train()
+    with phase("evaluating on the test set"):
+        results = dict(trainer.evaluate())
     where = "eval"
     if sets is not None:
         prefix = ood_prefix(data["num_classes"])
-        results.update(evaluate_corruptions(evaluate_on(trainer, eval_tf, data), sets, prefix=prefix))
+        results.update(evaluate_corrupted(trainer, eval_tf, data, sets, prefix))
         where = f"{prefix}_all"
     point = {"label": config.ensemble_method, "method": config.ensemble_method, "rho": config.rho,
              "measured_on": where, "id_ensemble_accuracy": results["eval_ensemble_accuracy"]}
     if trainer.is_world_process_zero():
-        point.update(member_sharpness(trainer.ensemble, score, args, seed=config.seed))
+        point.update(member_sharpness(trainer.ensemble, score, args, disable_tqdm=config.disable_tqdm))
         point.update({k: results[f"{where}_{k}"] for k in POINT_KEYS[1:]})
         name = f"{config.ensemble_method}_rho{config.rho:g}"
         save_ensemble(trainer.ensemble, args, config, {k: point[k] for k in POINT_KEYS},
@@ -92,11 +105,12 @@ def tradeoff_slope(points: list[dict], method: str = "sam") -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def report(points: list[dict], output_dir: str) -> None:
-    """results.json/.md, tradeoff.md and the four scatter plots."""
+def report(points: list[dict], output_dir: str, facts: dict[str, Any] | None = None) -> None:
+    """results.json/.md (the points, the slope and the run ``facts``), tradeoff.md and the four scatter plots."""
     out = Path(output_dir)
     slope = tradeoff_slope(points)
-    write_results({"points": points, "sam_slope_log_der_vs_log_sharpness": slope}, out, name="results")
+    write_results({"points": points, "sam_slope_log_der_vs_log_sharpness": slope, **(facts or {})}, out,
+                  name="results")
     rows = {f"{p['method']} ρ={p['rho']:g}": p for p in points}
     columns = [("sharpness", "sharpness", ".4f"), ("DER", "der", ".4f"), ("variance", "variance", ".4f"),
                ("KL", "kl", ".4f"), ("EIR", "eir", ".4f"), ("member acc", "member_accuracy", ".2%"),
@@ -115,13 +129,19 @@ def main() -> list[dict]:
     args, config = parse_args(TradeoffArgs)
     config.remove_unused_columns = False  # the transforms read the raw image column
     setup_logging(config)
-    data = load_cifar(args, args.max_train_samples, args.max_eval_samples)
-    sets = corrupted_sets(args, data, config.seed)
-    sets = list(sets) if sets is not None else None  # generated once, shared by every ensemble
+    facts = start_run(args, config)
+    data = load_cifar(args, args.max_train_samples, args.max_eval_samples, seed=args.subset_seed)
+    sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
+    if sets is not None:
+        with phase("generating the corrupted sets (once, shared by every ensemble)"):
+            sets = list(sets)
     runs = [("sam", r) for r in args.rhos] + [("sharpbalance", r) for r in args.sharpbalance_rhos]
-    points = [train_point(args, run_config(config, method, rho), data, sets, config.output_dir) for method, rho in runs]
+    points = []
+    for k, (method, rho) in enumerate(runs):
+        logger.info("ensemble %d of %d: %s, rho %g", k + 1, len(runs), method, rho)
+        points.append(train_point(args, run_config(config, method, rho), data, sets, config.output_dir))
     if points and PartialState().is_main_process:
-        report(points, config.output_dir)
+        report(points, config.output_dir, {**facts, **data["subsets"], **corrupt_facts})
     return points
 
 

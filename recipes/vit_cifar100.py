@@ -15,6 +15,7 @@ accuracy on CIFAR-100 and CIFAR-100-C and says the setup follows App. D.3; the f
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,26 +23,29 @@ from cifar_data import (
     CifarDataArgs,
     cifar_transforms,
     corrupted_sets,
-    evaluate_on,
+    evaluate_corrupted,
     load_cifar,
     ood_prefix,
     views,
 )
 from recipe_utils import (
     CommonArgs,
+    RecipeError,
+    check_resume,
     headline,
     member_sharpness,
     parse_args,
+    phase,
     run_script,
     save_ensemble,
     scoring_summary,
     setup_logging,
+    start_run,
     write_report,
 )
 from transformers import set_seed
 
 from sbtrainer import EnsembleModel, SharpBalanceTrainer
-from sbtrainer.data import evaluate_corruptions
 from sbtrainer.models import timm_model
 
 
@@ -57,16 +61,38 @@ class VitArgs(CommonArgs, CifarDataArgs):
         "help": 'JSON of extra timm.create_model kwargs, e.g. \'{"depth": 1, "embed_dim": 24, "num_heads": 2}\' (tiny runs).'})
 
 
+def model_kwargs(text: str | Mapping[str, Any]) -> dict[str, Any]:
+    """``--model_kwargs`` as a dict: JSON text (flags) or a mapping (a YAML file read alone).
+
+    Raises:
+        RecipeError: text that is not a JSON object, naming the option and the JSON error.
+    """
+    if isinstance(text, Mapping):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"--model_kwargs {text!r} is not JSON ({err.msg} at character {err.pos}); write it as "
+                          f"'{{\"depth\": 1}}' (double quotes around keys and strings)") from None
+    if not isinstance(value, dict):
+        raise RecipeError(f"--model_kwargs must be a JSON object of timm.create_model keyword arguments, "
+                          f"e.g. '{{\"depth\": 1}}'; got {text!r}")
+    return value
+
+
 def main() -> dict[str, Any]:
     args, config = parse_args(VitArgs)
     config.remove_unused_columns = False  # the transforms read the raw image column
     setup_logging(config)
+    facts = start_run(args, config)
     set_seed(config.seed)
 
-    data = load_cifar(args, args.max_train_samples, args.max_eval_samples)
-    kwargs = {"num_classes": data["num_classes"], "img_size": args.image_size, **json.loads(args.model_kwargs)}
+    extra = model_kwargs(args.model_kwargs)
+    data = load_cifar(args, args.max_train_samples, args.max_eval_samples, seed=args.subset_seed)
+    kwargs = {"num_classes": data["num_classes"], "img_size": args.image_size, **extra}
     ensemble = EnsembleModel.from_factory(lambda _seed: timm_model(args.model_name, pretrained=args.pretrained, **kwargs),
                                           config.num_members, config.member_seeds, reduction=config.ensemble_reduction)
+    check_resume(ensemble, config)
     pretrained_cfg = ensemble.members[0].pretrained_cfg
     train_tf, eval_tf = cifar_transforms(data["num_classes"], args.image_size, pretrained_cfg["mean"], pretrained_cfg["std"])
     train, score, test = views(data, train_tf, eval_tf)
@@ -74,21 +100,25 @@ def main() -> dict[str, Any]:
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train, eval_dataset=test,
                                   score_dataset=score)
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
-                               "model": args.model_name, "pretrained": args.pretrained}
-    results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
+                               "model": args.model_name, "pretrained": args.pretrained, **facts, **data["subsets"]}
+    with phase(f"training {config.num_members} members ({config.ensemble_method})"):
+        results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     results.update(scoring_summary(trainer))
 
-    results.update(trainer.evaluate())
+    with phase("evaluating on the test set"):
+        results.update(trainer.evaluate())
     prefix = ood_prefix(data["num_classes"])
-    sets = corrupted_sets(args, data, config.seed)
+    sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
+    results.update(corrupt_facts)
     if sets is not None:
-        results.update(evaluate_corruptions(evaluate_on(trainer, eval_tf, data), sets, prefix=prefix))
+        results.update(evaluate_corrupted(trainer, eval_tf, data, sets, prefix))
 
     if trainer.is_world_process_zero():
-        results.update(member_sharpness(trainer.ensemble, score, args, seed=config.seed))
-        write_report(results, config.output_dir, config.ensemble_method, ood_prefix=prefix)
-        base = pretrained_cfg.get("hf_hub_id") if args.pretrained else None
-        save_ensemble(trainer.ensemble, args, config, headline(results, ["eval", f"{prefix}_all"]), base_model=base)
+        results.update(member_sharpness(trainer.ensemble, score, args, disable_tqdm=config.disable_tqdm))
+        with phase(f"writing the report and the ensemble to {config.output_dir}"):
+            write_report(results, config.output_dir, config.ensemble_method, ood_prefix=prefix)
+            base = pretrained_cfg.get("hf_hub_id") if args.pretrained else None
+            save_ensemble(trainer.ensemble, args, config, headline(results, ["eval", f"{prefix}_all"]), base_model=base)
     trainer.accelerator.wait_for_everyone()
     return results
 

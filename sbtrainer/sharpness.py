@@ -28,6 +28,7 @@ Nothing here knows about the Trainer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -37,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling import batch_labels, call_member, model_inputs
+from .modeling import batch_labels, call_member, cross_entropy_per_sample, model_inputs
+from .sam import frozen_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ class _Perturber:
         if not self.params:
             raise ValueError("model must have at least one parameter with requires_grad=True; got none")
         self.origin = [p.detach().clone() for p in self.params]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._buffers = contextlib.ExitStack()  # every buffer, reassigned or updated in place, restored bitwise
+        self._buffers.enter_context(frozen_buffers(model))
         self.scale = [o.abs() for o in self.origin] if adaptive else None
         self.was_training = model.training
 
@@ -182,15 +184,14 @@ class _Perturber:
     def restore(self) -> None:
         """Original parameters, buffers and train/eval mode."""
         self.set(None)
-        for b, saved in self.buffers:
-            b.copy_(saved)
+        self._buffers.close()
         self.model.train(self.was_training)
 
 
 def _loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn, input_name: str) -> torch.Tensor:
     """Scalar loss of ``model`` on ``batch`` (logits ``(B, C)`` from :func:`call_member`)."""
     logits = call_member(model, model_inputs(batch, model, input_name), input_name)
-    return loss_fn(logits, batch_labels(batch))
+    return loss_fn(logits, batch_labels(batch)).mean()  # a per-sample member loss (B,) or a batch mean
 
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -286,6 +287,7 @@ def worst_case_sharpness(
     num_batches: int = 100,
     seed: int = 0,
     disable_tqdm: bool = False,
+    desc: str | None = None,
 ) -> SharpnessResult:
     """Adaptive worst-case sharpness, eq. (3) (``norm="l2"``) or eq. (9) (``norm="linf"``).
 
@@ -299,11 +301,13 @@ def worst_case_sharpness(
         steps: ascent steps per batch (>= 1), each one forward and backward pass.
         step_size: ascent step length in the scaled space; default ``2 * rho0 / steps``.
         adaptive: ``T = diag(|θ|)`` if True, else ``T = I``.
-        loss_fn: ``loss_fn(logits (B, C), labels (B,)) -> scalar``, mean over the batch; default cross entropy.
+        loss_fn: the member loss ``loss_fn(logits (B, C), labels (B,)) -> (B,)`` (or its batch mean), averaged over
+            the batch; default per-sample cross-entropy (`sbtrainer.modeling`).
         input_name: the input column for plain modules (see :mod:`sbtrainer.modeling`).
         batch_size, num_batches: see ``data``.
         seed: seeds the row sampling and the random start (local generators).
-        disable_tqdm: hide the progress bar.
+        disable_tqdm: hide the progress bar (one step per batch, written to stderr).
+        desc: the progress bar's label (default: the kind of sharpness).
 
     Returns a :class:`SharpnessResult` with ``value`` = mean over batches (>= 0) and ``stderr = None``.
     """
@@ -313,13 +317,13 @@ def worst_case_sharpness(
     if step_size is not None:
         _check("step_size", step_size > 0, "> 0 (or None for 2 * rho0 / steps)", step_size)
     step = step_size if step_size is not None else 2.0 * rho0 / steps
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or cross_entropy_per_sample
     batches, pert, gen = _setup(model, data, seed, batch_size, num_batches, adaptive)
     per_batch: list[float] = []
     try:
         model.eval()
         with torch.enable_grad():  # the ascent needs gradients even if the caller is under no_grad
-            for batch in tqdm(batches, desc=f"worst-case sharpness ({norm})", disable=disable_tqdm):
+            for batch in tqdm(batches, desc=desc or f"worst-case sharpness ({norm})", disable=disable_tqdm):
                 per_batch.append(_worst_case_batch(pert, batch, loss_fn, input_name, rho0, norm, steps, step, gen))
     finally:
         pert.restore()
@@ -357,11 +361,12 @@ def average_case_sharpness(
     num_batches: int = 100,
     seed: int = 0,
     disable_tqdm: bool = False,
+    desc: str | None = None,
 ) -> SharpnessResult:
     """Adaptive average-case sharpness, eq. (10): ``E_{ε~N(0, ρ0² T²)} L_B(θ+ε) − L_B(θ)``, by Monte Carlo.
 
     Args:
-        model, data, adaptive, loss_fn, input_name, batch_size, num_batches, seed, disable_tqdm: as in
+        model, data, adaptive, loss_fn, input_name, batch_size, num_batches, seed, disable_tqdm, desc: as in
             :func:`worst_case_sharpness`.
         rho0: noise scale (>= 0): ``ε = rho0 · T z``, ``z ~ N(0, I)``.
         num_samples: noise draws per batch (>= 1), one forward pass each.
@@ -373,13 +378,13 @@ def average_case_sharpness(
     """
     _validate_common(rho0, batch_size, num_batches)
     _check("num_samples", isinstance(num_samples, int) and num_samples >= 1, "an integer >= 1", num_samples)
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or cross_entropy_per_sample
     batches, pert, gen = _setup(model, data, seed, batch_size, num_batches, adaptive)
     draws: list[np.ndarray] = []
     try:
         model.eval()
         with torch.no_grad():
-            for batch in tqdm(batches, desc="average-case sharpness", disable=disable_tqdm):
+            for batch in tqdm(batches, desc=desc or "average-case sharpness", disable=disable_tqdm):
                 draws.append(_average_case_batch(pert, batch, loss_fn, input_name, rho0, num_samples, gen))
     finally:
         pert.restore()
@@ -402,7 +407,8 @@ def ensemble_sharpness(
         members: the member modules (a list, an ``nn.ModuleList``, or an object with a ``.members`` attribute).
         data: as in :func:`worst_case_sharpness`.
         kind: ``"worst_case"`` (:func:`worst_case_sharpness`) or ``"average_case"`` (:func:`average_case_sharpness`).
-        **kwargs: passed on (rho0, norm, steps, num_samples, seed, ...).
+        **kwargs: passed on (rho0, norm, steps, num_samples, seed, disable_tqdm, ...). Each member is
+            logged at INFO and gets a progress bar labelled with its index unless ``disable_tqdm``.
 
     Returns ``{"sharpness": mean over members, "sharpness_member_{i}": value_i}`` and, for
     ``average_case``, ``"sharpness_member_{i}_stderr"``.
@@ -414,7 +420,8 @@ def ensemble_sharpness(
     out: dict[str, float] = {}
     values = []
     for i, member in enumerate(members):
-        result = fn(member, data, **kwargs)
+        logger.info("sharpness (%s) of member %d of %d", kind, i + 1, len(members))
+        result = fn(member, data, **{"desc": f"sharpness, member {i + 1}/{len(members)}", **kwargs})
         values.append(result.value)
         out[f"sharpness_member_{i}"] = result.value
         if result.stderr is not None:

@@ -159,6 +159,10 @@ def test_cifar_resnet_recipe_from_the_paper_yaml(tmp_path, cifar10_dir):
                                    "--output_dir", str(out), "--model_width", "4", "--lr_milestones", "1", *TINY, *OOD])
     results = _results(out)
     assert results["method"] == "sharpbalance" and results["num_train_rows"] == 48
+    train_labels = datasets.load_dataset(cifar10_dir)["train"]["label"]
+    assert results["train_class_counts"] == {str(c): train_labels.count(c) for c in sorted(set(train_labels))}
+    assert results["torch_num_threads"] == 1 and results["env_OMP_NUM_THREADS"] == "1"  # as run_recipe launches it
+    assert results["corrupt_rows"] == 12 and sum(results["corrupt_class_counts"].values()) == 12
     assert results["scoring_epochs"] == [1]
     assert all(0 < results[f"member_{i}_sam_set_fraction"] < 1 for i in range(3))
     for key in ENSEMBLE_KEYS:
@@ -192,11 +196,15 @@ def test_cifar_resnet_recipe_under_two_processes(tmp_path, cifar10_dir):
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = _results(out)
     assert results["num_train_rows"] == 48 and results["scoring_epochs"] == [1]
+    assert results["num_processes"] == 2 and results["torch_num_threads"] == 1
     batch, labels = _image_batch(cifar10_dir, cifar_transforms(10)[1], "label")
-    batch, labels = {"pixel_values": batch["pixel_values"][:23]}, labels[:23]
+    rows = np.sort(np.random.default_rng(0).permutation(24)[:23])  # --max_eval_samples 23: drawn with --subset_seed 0
+    batch, labels = {"pixel_values": batch["pixel_values"][rows]}, labels[rows]
+    assert results["test_rows"] == 23
+    assert results["test_class_counts"] == {str(c): int((labels == c).sum()) for c in labels.unique().tolist()}
     ensemble = EnsembleModel.from_pretrained(out / "ensemble")
     _check_reported_accuracy(results, ensemble, batch, labels)
-    reduction = json.loads((out / "ensemble" / "ensemble_config.json").read_text())["config"]["ensemble_reduction"]
+    reduction = ensemble.reduction  # what the saved ensemble reduces with (its one home)
     with torch.no_grad():
         logits = ensemble(**batch).member_logits
     assert results["eval_ensemble_nll"] == pytest.approx(ensemble_nll(logits, labels, reduction), rel=1e-5)

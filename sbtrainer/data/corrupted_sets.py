@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .corruptions import CORRUPTIONS, SEVERITIES, check_severity
 
@@ -289,6 +290,7 @@ def evaluate_corruptions(
     evaluate_fn: Callable[[Any, str], Mapping[str, Any]],
     sets: Iterable[tuple[str, int, Any]],
     prefix: str = "cifar10c",
+    disable_tqdm: bool = False,
 ) -> dict[str, float]:
     """Evaluate every ``(corruption, severity, dataset)`` of ``sets`` and pool the metrics.
 
@@ -299,6 +301,8 @@ def evaluate_corruptions(
         sets: from :func:`iter_cifar_c`, :func:`~sbtrainer.data.corruptions.iter_corrupted_datasets`
             or any iterable of ``(corruption, severity, dataset)``.
         prefix: the per-set prefix is ``f"{prefix}_{corruption}_{severity}"``.
+        disable_tqdm: hide the progress bar over the sets (one step per set; its total is known when
+            ``sets`` has a length). Each evaluated set is also logged at INFO.
 
     Returns:
         Every key that ``evaluate_fn`` returned, plus for each numeric metric ``m`` found as
@@ -320,7 +324,9 @@ def evaluate_corruptions(
     per_severity: dict[int, dict[str, list[float]]] = {}
     overall: dict[str, list[float]] = {}
     seen: set[tuple[str, int]] = set()
-    for corruption, severity, dataset in sets:
+    total = len(sets) if isinstance(sets, Sized) else None
+    bar = tqdm(sets, total=total, desc=f"evaluating {prefix} sets", unit="set", disable=disable_tqdm)
+    for corruption, severity, dataset in bar:
         if (corruption, severity) in seen:
             raise ValueError(f"set ({corruption!r}, {severity}) appears twice in `sets`")
         seen.add((corruption, severity))
