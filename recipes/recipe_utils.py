@@ -211,11 +211,23 @@ def start_run(args: CommonArgs, config: SharpBalanceConfig) -> dict[str, Any]:
         if args.num_threads < 1:
             raise RecipeError(f"--num_threads must be >= 1 (or left unset to keep the launcher's); got {args.num_threads}")
         torch.set_num_threads(args.num_threads)
-    facts = {"num_processes": config.world_size, **thread_info(), "subset_seed": args.subset_seed}
+    facts = {"num_processes": config.world_size, **thread_info(), "subset_seed": args.subset_seed,
+             "rows_per_member_per_step": rows_per_member_per_step(config)}
     logger.info("processes: %d, torch threads: %d (interop %d), %s", config.world_size, facts["torch_num_threads"],
                 facts["torch_num_interop_threads"],
                 ", ".join(f"{n}={os.environ.get(n, 'unset')}" for n in THREAD_ENV_VARS))
+    logger.info("ensemble_parallelism=%r: each optimizer step uses %d rows per member (per_device_train_batch_size "
+                "%d x gradient_accumulation_steps %d%s)", config.ensemble_parallelism, facts["rows_per_member_per_step"],
+                config.per_device_train_batch_size, config.gradient_accumulation_steps,
+                f" x {config.world_size} processes" if config.ensemble_parallelism == "data" and config.world_size > 1
+                else "")
     return facts
+
+
+def rows_per_member_per_step(config: SharpBalanceConfig) -> int:
+    """The effective per-member batch: W * B * accumulation in data mode, B * accumulation in members mode."""
+    world = config.world_size if config.ensemble_parallelism == "data" else 1
+    return world * config.per_device_train_batch_size * config.gradient_accumulation_steps
 
 
 @contextlib.contextmanager
