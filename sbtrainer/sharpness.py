@@ -348,26 +348,29 @@ def _average_case_batch(
     return diffs
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """The options `average_case_sharpness` shares with `worst_case_sharpness` (same defaults and meaning)."""
+
+    adaptive: bool = True
+    loss_fn: LossFn | None = None
+    input_name: str = "pixel_values"
+    batch_size: int = 5
+    num_batches: int = 100
+    seed: int = 0
+    disable_tqdm: bool = False
+    desc: str | None = None
+
+
 def average_case_sharpness(
-    model: nn.Module,
-    data: Any,
-    *,
-    rho0: float = 0.5,
-    num_samples: int = 100,
-    adaptive: bool = True,
-    loss_fn: LossFn | None = None,
-    input_name: str = "pixel_values",
-    batch_size: int = 5,
-    num_batches: int = 100,
-    seed: int = 0,
-    disable_tqdm: bool = False,
-    desc: str | None = None,
+    model: nn.Module, data: Any, *, rho0: float = 0.5, num_samples: int = 100, **kwargs: Any
 ) -> SharpnessResult:
     """Adaptive average-case sharpness, eq. (10): ``E_{ε~N(0, ρ0² T²)} L_B(θ+ε) − L_B(θ)``, by Monte Carlo.
 
     Args:
-        model, data, adaptive, loss_fn, input_name, batch_size, num_batches, seed, disable_tqdm, desc: as in
-            :func:`worst_case_sharpness`.
+        model, data: as in :func:`worst_case_sharpness`.
+        **kwargs: ``adaptive``, ``loss_fn``, ``input_name``, ``batch_size``, ``num_batches``, ``seed``,
+            ``disable_tqdm``, ``desc``, as in :func:`worst_case_sharpness` (an unknown name is a TypeError).
         rho0: noise scale (>= 0): ``ε = rho0 · T z``, ``z ~ N(0, I)``.
         num_samples: noise draws per batch (>= 1), one forward pass each.
 
@@ -376,16 +379,17 @@ def average_case_sharpness(
     ``sqrt(sum_b s_b² / num_samples) / num_batches`` with ``s_b`` the per-batch sample std (``nan`` if
     ``num_samples == 1``). The spread over batches is in ``per_batch``.
     """
-    _validate_common(rho0, batch_size, num_batches)
+    o = _Sampling(**kwargs)
+    _validate_common(rho0, o.batch_size, o.num_batches)
     _check("num_samples", isinstance(num_samples, int) and num_samples >= 1, "an integer >= 1", num_samples)
-    loss_fn = loss_fn or cross_entropy_per_sample
-    batches, pert, gen = _setup(model, data, seed, batch_size, num_batches, adaptive)
+    loss_fn = o.loss_fn or cross_entropy_per_sample
+    batches, pert, gen = _setup(model, data, o.seed, o.batch_size, o.num_batches, o.adaptive)
     draws: list[np.ndarray] = []
     try:
         model.eval()
         with torch.no_grad():
-            for batch in tqdm(batches, desc=desc or "average-case sharpness", disable=disable_tqdm):
-                draws.append(_average_case_batch(pert, batch, loss_fn, input_name, rho0, num_samples, gen))
+            for batch in tqdm(batches, desc=o.desc or "average-case sharpness", disable=o.disable_tqdm):
+                draws.append(_average_case_batch(pert, batch, loss_fn, o.input_name, rho0, num_samples, gen))
     finally:
         pert.restore()
     per_batch = [float(d.mean()) for d in draws]
@@ -393,8 +397,8 @@ def average_case_sharpness(
         stderr = math.sqrt(sum(float(d.var(ddof=1)) for d in draws) / num_samples) / len(draws)
     else:
         stderr = float("nan")
-    config = {"rho0": rho0, "num_samples": num_samples, "adaptive": adaptive,
-              "batch_size": batch_size, "num_batches": len(batches), "seed": seed}  # fmt: skip
+    config = {"rho0": rho0, "num_samples": num_samples, "adaptive": o.adaptive,
+              "batch_size": o.batch_size, "num_batches": len(batches), "seed": o.seed}  # fmt: skip
     return SharpnessResult(float(np.mean(per_batch)), per_batch, stderr, "average_case", config)
 
 

@@ -678,29 +678,16 @@ def _build_set(
     return datasets.Dataset.from_dict(data, features=features)
 
 
-def make_corrupted_dataset(
-    dataset: Any,
-    image_column: str,
-    corruptions: Iterable[str] = CORRUPTIONS,
-    severities: Iterable[int] = SEVERITIES,
-    seed: int = 0,
-    label_column: str | None = "label",
-    output_image_column: str = "image",
-    progress: bool = True,
-) -> Any:
+def make_corrupted_dataset(dataset: Any, image_column: str, **kwargs) -> Any:
     """A CIFAR-10-C-like ``datasets.Dataset``: every (corruption, severity) set of ``dataset`` concatenated.
 
     Rows are ordered corruption-major, then severity, then the source order (like the published
     ``.npy`` files). Columns: ``output_image_column``, ``label_column``, ``corruption``, ``severity``.
     Deterministic under ``seed`` (see :func:`iter_corrupted_datasets`). Everything is held in memory:
-    for a full 10,000-image test set × 75 sets prefer :func:`iter_corrupted_datasets`.
+    for a full 10,000-image test set × 75 sets prefer :func:`iter_corrupted_datasets`. Keyword arguments
+    (``corruptions``, ``severities``, ``seed``, ``label_column``, ``output_image_column``, ``progress``) are
+    those of :func:`iter_corrupted_datasets`.
     """
     import datasets
 
-    parts = [
-        ds
-        for _, _, ds in iter_corrupted_datasets(
-            dataset, image_column, corruptions, severities, seed, label_column, output_image_column, progress
-        )
-    ]
-    return datasets.concatenate_datasets(parts)
+    return datasets.concatenate_datasets([ds for _, _, ds in iter_corrupted_datasets(dataset, image_column, **kwargs)])
