@@ -7,7 +7,16 @@ to tensor, normalise (the paper's augmentation). Measured, each over ``--images`
 - ``getitem``: ``dataset[i]`` one row at a time (decode + augment, no batching);
 - ``loader wN``: a plain ``DataLoader`` (batch 128, default collator, N workers), what the stock Trainer does;
 - ``sbtrainer wN``: ``SharpBalanceTrainer.get_train_dataloader()`` (m members' sub-batches per step, each row
-  fetched under its (member, epoch, row) seed), N workers.
+  augmented under its (member, epoch, row) seed), N workers.
+
+Per-row fetch vs batched raw read, side by side (``side_by_side``): the member loader with
+``MemberStreamDataset(batched_reads=False)`` (before: ``dataset[row]`` per row, one Arrow read and decode
+call each) and with ``batched_reads=True`` (after, the trainer's default: the step's raw rows read and
+decoded in one call, the transform per row under its seed), alternating, ``--repeats`` rounds each, medians
+and the ratio after/before per worker count. ``breakdown`` splits one image's cost into the Arrow read +
+decode (per row and batched) and the transform (crop + flip + to tensor + normalise) alone. With 0 workers the
+two loaders are stepped in turn and each step timed (wall and process CPU time), so a loaded machine slows
+both alike.
 
 Step images/s come from step_cost.json in ``--out-dir`` or benchmarks/results (run step_cost.py first) or ``--step-images-per-s``.
 With 2 cores, worker processes compete with the training step for the same cores; the column
@@ -35,12 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="per-member batch")
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--workers", default="0,2")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the side-by-side comparison")
     p.add_argument("--step-images-per-s", type=float, default=None, help="override step_cost.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        args.images, args.batch, args.workers = 64, 16, "0"
+        args.images, args.batch, args.workers, args.repeats = 64, 16, "0", 1
     return args
 
 
@@ -68,6 +78,108 @@ def images_per_s(loader, images: int, per_batch: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def member_loader(ds, args, workers: int, batched: bool, epoch: int = 0) -> DataLoader:
+    """The trainer's member loader (sampler, stream dataset, default collator) with or without batched reads."""
+    from transformers import default_data_collator
+
+    from sbtrainer.sampling import MemberBatchSampler, MemberStreamDataset
+
+    seeds = list(range(args.members))
+    sampler = MemberBatchSampler(len(ds), args.batch, seeds)
+    sampler.set_epoch(epoch)
+    return DataLoader(MemberStreamDataset(ds, seeds, batched_reads=batched), batch_sampler=sampler,
+                      collate_fn=default_data_collator, num_workers=workers, persistent_workers=False)
+
+
+def _interleaved_main_process(ds, args) -> dict:
+    """0 workers: both loaders stepped in turn (the order flips each step), each ``next`` timed on its own.
+
+    Wall and process-CPU seconds are summed per variant, so both see the same load of a shared machine.
+    """
+    its = {b: iter(member_loader(ds, args, 0, b)) for b in (False, True)}
+    for it in its.values():
+        next(it)  # the first batch is not throughput
+    wall, cpu, n = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}, {False: 0, True: 0}
+    step = 0
+    while min(n.values()) < args.images:
+        for b in ((False, True) if step % 2 == 0 else (True, False)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                next(its[b])
+            except StopIteration:  # a new epoch: a fresh loader, its first batch timed like any other
+                its[b] = iter(member_loader(ds, args, 0, b, epoch=step + 1))
+                next(its[b])
+            wall[b] += time.perf_counter() - w0
+            cpu[b] += time.process_time() - c0
+            n[b] += args.batch * args.members
+        step += 1
+    row = {"workers": 0, "per_row_images_per_s": n[False] / wall[False], "batched_images_per_s": n[True] / wall[True],
+           "per_row_images_per_cpu_s": n[False] / cpu[False], "batched_images_per_cpu_s": n[True] / cpu[True]}
+    row["batched_over_per_row"] = row["batched_images_per_s"] / row["per_row_images_per_s"]
+    row["batched_over_per_row_cpu"] = row["batched_images_per_cpu_s"] / row["per_row_images_per_cpu_s"]
+    return row
+
+
+def side_by_side(ds, args) -> list[dict]:
+    """Per-row fetch vs batched raw read, before and after, in one run.
+
+    0 workers: interleaved step by step (`_interleaved_main_process`). N > 0 workers: whole measurements
+    alternating (the order flips each round), ``--repeats`` rounds, medians.
+    """
+    import statistics
+
+    rows = []
+    for w in map(int, args.workers.split(",")):
+        if w == 0:
+            rows.append(_interleaved_main_process(ds, args))
+            continue
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.repeats):
+            for batched in ((False, True) if r % 2 == 0 else (True, False)):
+                loader = member_loader(ds, args, w, batched, epoch=r)
+                rates[batched].append(images_per_s(loader, args.images, args.batch * args.members))
+        before, after = statistics.median(rates[False]), statistics.median(rates[True])
+        rows.append({"workers": w, "per_row_images_per_s": before, "batched_images_per_s": after,
+                     "batched_over_per_row": after / before, "per_row_runs": rates[False],
+                     "batched_runs": rates[True]})
+    return rows
+
+
+def breakdown(ds, transform, args) -> dict:
+    """CPU microseconds per image (medians over chunks): Arrow read + decode per row, batched, and the transform.
+
+    Chunks of one step's rows (m * B), disjoint: in each pair of chunks one is read row by row and the
+    other in one call (which comes first flips each pair); the transform then runs on the batched chunk's
+    rows one at a time.
+    """
+    import statistics
+
+    raw = ds.with_format(None)
+    step = args.batch * args.members
+    pairs = max(1, min(args.images, len(ds)) // (2 * step))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    per_row, batched, tf = [], [], []
+    for k in range(pairs):
+        first, second = idx[2 * k * step:(2 * k + 1) * step], idx[(2 * k + 1) * step:(2 * k + 2) * step]
+        one_by_one, in_one_call = (first, second) if k % 2 == 0 else (second, first)
+        for batched_read in ((False, True) if k % 2 == 0 else (True, False)):
+            c = time.process_time()
+            if batched_read:
+                decoded = raw.__getitems__(in_one_call)
+                batched.append((time.process_time() - c) / len(in_one_call))
+            else:
+                for i in one_by_one:
+                    raw[i]
+                per_row.append((time.process_time() - c) / len(one_by_one))
+        c = time.process_time()
+        for ex in decoded:
+            transform({"img": [ex["img"]], "label": [ex["label"]]})
+        tf.append((time.process_time() - c) / len(decoded))
+    return {"read_decode_per_row_us": 1e6 * statistics.median(per_row),
+            "read_decode_batched_us": 1e6 * statistics.median(batched),
+            "transform_per_row_us": 1e6 * statistics.median(tf), "chunks": pairs, "rows_per_read": step}
+
+
 def step_rates(args) -> list[dict]:
     if args.step_images_per_s:
         return [{"source": "--step-images-per-s", "images_per_s": args.step_images_per_s}]
@@ -91,7 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
         return payload
     from transformers import default_data_collator
 
-    ds = ds.select(range(min(len(ds), 2 * args.images + 4 * args.batch * args.members))).with_transform(augment_fn())
+    raw_ds = ds.select(range(min(len(ds), 2 * args.images + 4 * args.batch * args.members)))
+    ds = raw_ds.with_transform(augment_fn())
+    cost = breakdown(raw_ds, augment_fn(), args)
+    pairs = side_by_side(ds, args)
+    C.print_table([cost], list(cost), title="CPU microseconds per image")
+    C.print_table(pairs, ["workers", "per_row_images_per_s", "batched_images_per_s", "batched_over_per_row",
+                          "per_row_images_per_cpu_s", "batched_images_per_cpu_s", "batched_over_per_row_cpu"],
+                  title=f"member loader (m={args.members}, B={args.batch}): per-row fetch vs batched raw read "
+                        f"(w0: interleaved per step; wN: medians of {args.repeats} alternating rounds)")
     rows = []
     t = time.perf_counter()
     n = min(args.images, 2048)
@@ -119,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     if steps:
         C.print_table(steps, ["source", "images_per_s", "loader_over_step", "load_share_w0"],
                       title="training step vs the sbtrainer loader in the main process (w0)")
-    payload = {"config": vars(args), "pipelines": rows, "steps": steps,
+    payload = {"config": vars(args), "pipelines": rows, "side_by_side": pairs, "breakdown": cost, "steps": steps,
                "targets": [{"target": "loader (w0) images/s >= step images/s", "model": s["source"],
                             "value": s["loader_over_step"], "met": s["loader_over_step"] >= 1} for s in steps]}
     C.write_result("data_pipeline", payload, args.out_dir)
