@@ -348,9 +348,10 @@ class SharpBalanceConfig(TrainingArguments):
     score_method: str = field(
         default="auto",
         metadata={
-            "help": "Per-sample gradient implementation: 'hooks' (one batched pass, plain Conv/Linear/BatchNorm "
-            "modules), 'vmap' (torch.func, chunked), 'loop' (one sample at a time) or 'auto' (hooks, then vmap, "
-            "then the loop)."
+            "help": "Per-sample gradient implementation, all exact: 'hooks' (one batched pass, plain "
+            "Conv/Linear/BatchNorm modules), 'ghost' (one batched pass, transformer members: HF BERT/ALBERT, timm "
+            "ViT), 'vmap' (torch.func, chunked), 'loop' (one sample at a time) or 'auto' (hooks, ghost, vmap, then "
+            "the loop; each refuses by the model's structure what it cannot compute exactly)."
         },
     )
     ensemble_parallelism: str = field(

@@ -3,17 +3,26 @@
 The squared per-sample gradient norm approximates the trace of the empirical Fisher (Bottou et al.,
 2018). It is computed with the model in eval mode (BatchNorm on running statistics, no dropout), so
 samples are independent, over the rows the caller gives, in row order; every buffer of the model is
-restored afterwards (a forward that updates state even in eval mode leaves no trace). Three
-implementations give the same numbers: ``"hooks"`` (`sbtrainer.ghost_norm`: one batched forward and an
-activation-only backward; plain modules built from Conv2d/Linear/BatchNorm in which every trainable
-parameter is used once per forward, by its own module, e.g. timm ResNets; 1.0-1.5x a plain
-forward+backward in benchmarks/scoring.py), chunked ``torch.func`` (``"vmap"``) and a one-sample-at-a-time
-``"loop"``. ``"hooks"`` decides whether it is exact from the model's structure and its autograd graph on
-every batch (shared weights, a module called twice, a derived weight such as ``torch.nn.utils.prune``'s, a
-weight reused functionally: ``NotImplementedError``). ``method="auto"`` tries hooks (on its first batch it
-also compares the first two samples with the loop, a secondary guard), then vmap, then the loop, logging
-each fallback once per model class; if a later batch fails the structural check, ``auto`` falls back from
-that batch on.
+restored afterwards (a forward that updates state even in eval mode leaves no trace). Four
+implementations give the same numbers:
+
+- ``"hooks"`` (`sbtrainer.ghost_norm.batch_scores_hooks`): one batched forward and an activation-only backward;
+  plain modules built from Conv2d/Linear/BatchNorm in which every trainable parameter is used once per forward,
+  by its own module, e.g. timm ResNets (1.0-1.5x a plain forward+backward in benchmarks/scoring.py);
+- ``"ghost"`` (`sbtrainer.ghost_norm.batch_scores_ghost`): the same single batched pass for transformer members,
+  HF (BERT, ALBERT: keyword inputs) or plain (timm ViT): Linear on token sequences, LayerNorm, Embedding, a
+  patch-embedding Conv2d, bare parameters added to the activations (``cls_token``, ``pos_embed``) and layers
+  shared across depth (ALBERT: the cross terms between a layer's calls are included);
+- chunked ``torch.func`` (``"vmap"``; fails on HF BERT/ALBERT, whose mask handling branches on data);
+- a one-sample-at-a-time ``"loop"``.
+
+``"hooks"`` and ``"ghost"`` decide whether they are exact from the model's structure and its autograd graph on
+every batch (``NotImplementedError`` otherwise: for hooks, shared weights, a module called twice, a derived
+weight such as ``torch.nn.utils.prune``'s, a weight reused functionally; for ghost, see its docstring).
+``method="auto"`` tries hooks, then ghost for members holding a LayerNorm or an Embedding (or HF models), then
+vmap, then the loop, logging each fallback once per model class; on the first batch of hooks or ghost it also
+compares the first two samples with the loop (a secondary guard); if a later batch fails the structural check,
+``auto`` falls back from that batch on.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .ghost_norm import batch_scores_hooks
+from .ghost_norm import batch_scores_ghost, batch_scores_hooks, transformer_like
 from .modeling import (
     MemberLoss,
     batch_labels,
@@ -45,7 +54,7 @@ logger = logging.getLogger(__name__)
 LossFn = MemberLoss
 _VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
 _WARNED: set[str] = set()  # (model class, method) already reported as unusable
-SCORE_METHODS = ("auto", "hooks", "vmap", "loop")
+SCORE_METHODS = ("auto", "hooks", "ghost", "vmap", "loop")
 
 
 @contextlib.contextmanager
@@ -202,19 +211,56 @@ def _fallback(member: nn.Module, method: str, err: Exception, to: str) -> None:
                        type(err).__name__, err, to)
 
 
+def batch_scores_ghost_checked(
+    member: nn.Module, batch: dict, input_name: str, loss_fn: LossFn, verify: int = 0
+) -> torch.Tensor:
+    """Scores ``(B,)`` by `sbtrainer.ghost_norm.batch_scores_ghost` (transformer members, HF or plain).
+
+    With ``verify > 0`` the first samples are also checked against the loop (a secondary guard, as for hooks).
+
+    Raises:
+        NotImplementedError: members it cannot score exactly (see `sbtrainer.ghost_norm.batch_scores_ghost`) or a
+            mismatch with the loop.
+    """
+    inputs, labels = model_inputs(batch, member, input_name), batch_labels(batch)
+    per_sample = None if loss_fn in (F.cross_entropy, cross_entropy_per_sample) else loss_fn
+    scores = batch_scores_ghost(member, lambda: call_member(member, inputs, input_name), labels, per_sample).cpu()
+    if verify:
+        head = {k: v[:verify] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        expected = batch_scores_loop(member, head, input_name, loss_fn)
+        if not torch.allclose(scores[:verify], expected, rtol=1e-3, atol=1e-8):
+            raise NotImplementedError(f"ghost scores {scores[:verify].tolist()} differ from the loop's {expected.tolist()}")
+    return scores
+
+
 def _score_batch(member, batch, method, input_name, loss_fn) -> tuple[torch.Tensor, str]:
-    """Scores of one batch and the method for the next (``"auto-hooks"``: hooks chosen by auto, may still fall back)."""
+    """Scores of one batch and the method for the next.
+
+    ``method`` is a `SCORE_METHODS` entry or the state auto keeps between batches: ``"auto-hooks"`` /
+    ``"auto-ghost"`` (chosen by auto, may still fall back on a later batch), ``"auto-vmap"``.
+    """
     if method == "loop":
         return batch_scores_loop(member, batch, input_name, loss_fn), method
+    verify = 2 if method == "auto" else 0  # the sampled guard runs on auto's first batch of a fast method
     if method in ("auto", "auto-hooks", "hooks"):
         try:
-            verify = 2 if method == "auto" else 0
             scores = batch_scores_hooks_checked(member, batch, input_name, loss_fn, verify)
             return scores, "hooks" if method == "hooks" else "auto-hooks"
         except NotImplementedError as err:
             if method == "hooks":
                 raise
-            _fallback(member, "hooks", err, "vmap")
+            verify = 2  # ghost's first batch under auto
+            to_ghost = transformer_like(member) or is_hf_model(member)
+            _fallback(member, "hooks", err, "ghost" if to_ghost else "vmap")
+            method = "auto-ghost" if to_ghost else "auto-vmap"
+    if method in ("auto-ghost", "ghost"):
+        try:
+            scores = batch_scores_ghost_checked(member, batch, input_name, loss_fn, verify)
+            return scores, method
+        except NotImplementedError as err:
+            if method == "ghost":
+                raise
+            _fallback(member, "ghost", err, "vmap")
             method = "auto-vmap"
     try:
         return batch_scores_vmap(member, batch, input_name, loss_fn), method

@@ -85,6 +85,12 @@ def test_members_mode_equals_one_process(tmp_path, single, world):
     for (name, a), b in zip(r["resumed"].items(), r["full"].values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(r["resumed_masks"], r["full_masks"]) and r["history"][0] == r["history"][1]
+    # the same checkpoint resumes on ONE process (another W, data mode): one format whatever W
+    one = make_trainer(make_args(tmp_path / "one", **RESUME), build, train_data())
+    one.train(resume_from_checkpoint=str(tmp_path / "d" / "full" / "out" / f"checkpoint-{EVAL['resume_step']}"))
+    for (name, a), b in zip(one.ensemble.state_dict().items(), r["full"].values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert torch.equal(one.sam_masks, r["full_masks"])
 
 
 def test_ownership_and_refusal_of_more_processes_than_members(tmp_path):
