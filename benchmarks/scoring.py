@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sbtrainer import scoring as sb_scoring
-from sbtrainer.modeling import call_member, model_inputs
+from sbtrainer.member_adapter import call_member, model_inputs
 
 TRANSFORMERS = ("bert", "albert", "vit")
 

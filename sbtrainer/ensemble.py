@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .hub import EnsembleHubMixin
-from .modeling import (
+from .member_adapter import (
     MemberLoss,
     call_member,
     cross_entropy_per_sample,

@@ -53,7 +53,7 @@ from typing import Any
 
 from torch import nn
 
-from .modeling import is_hf_model
+from .member_adapter import is_hf_model
 from .models import (
     BUILDERS,
     architecture_differences,

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .ghost_norm import batch_scores_ghost, batch_scores_hooks, transformer_like
-from .modeling import (
+from .member_adapter import (
     MemberLoss,
     batch_labels,
     call_member,
@@ -131,7 +131,7 @@ def score_members(
     members, e.g. the ones a process owns). ``dataset`` yields dict examples with a label column;
     ``collate_fn`` batches them (default ``transformers.default_data_collator``). The dataset should carry
     no augmentation: pass the eval-time view of the training set. ``loss_fn(logits (B, C), labels (B,))`` is
-    the per-sample loss ``(B,)`` (the member loss of `sbtrainer.modeling`; it is applied to one row at a time,
+    the per-sample loss ``(B,)`` (the member loss of `sbtrainer.member_adapter`; it is applied to one row at a time,
     so a batch-mean loss works too); the default, the per-sample NLL, makes the score the empirical Fisher
     trace of paper Sec. 4.3. Each member is scored in eval mode with its buffers restored afterwards.
 

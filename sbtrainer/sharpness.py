@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling import batch_labels, call_member, cross_entropy_per_sample, model_inputs
+from .member_adapter import batch_labels, call_member, cross_entropy_per_sample, model_inputs
 from .sam import frozen_buffers
 
 logger = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ def worst_case_sharpness(
         step_size: ascent step length in the scaled space; default ``2 * rho0 / steps``.
         adaptive: ``T = diag(|θ|)`` if True, else ``T = I``.
         loss_fn: the member loss ``loss_fn(logits (B, C), labels (B,)) -> (B,)`` (or its batch mean), averaged over
-            the batch; default per-sample cross-entropy (`sbtrainer.modeling`).
-        input_name: the input column for plain modules (see :mod:`sbtrainer.modeling`).
+            the batch; default per-sample cross-entropy (`sbtrainer.member_adapter`).
+        input_name: the input column for plain modules (see :mod:`sbtrainer.member_adapter`).
         batch_size, num_batches: see ``data``.
         seed: seeds the row sampling and the random start (local generators).
         disable_tqdm: hide the progress bar (one step per batch, written to stderr).

@@ -37,7 +37,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
-from .modeling import (
+from .member_adapter import (
     INDEX_KEYS,
     LABEL_KEYS,
     MemberLoss,

@@ -7,7 +7,7 @@ from helpers import make_args, mlp, vector_data
 from torch.func import functional_call
 
 from sbtrainer import EnsembleModel, SharpBalanceTrainer
-from sbtrainer.modeling import cross_entropy_per_sample
+from sbtrainer.member_adapter import cross_entropy_per_sample
 from sbtrainer.scoring import batch_scores_loop
 
 LR = 0.5
