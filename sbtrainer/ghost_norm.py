@@ -142,22 +142,39 @@ def _own_trainable(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in mod._parameters.items() if p is not None and p.requires_grad]
 
 
-def _check(member: nn.Module) -> list[nn.Module]:
-    """The modules owning trainable parameters, after the structural checks that need no forward.
-
-    Raises:
-        NotImplementedError: an unsupported module, a shared or derived parameter, or hooks (see the module doc).
-    """
+def _refuse_global_hooks_and_shared(member: nn.Module, method: str, why_shared: str) -> None:
+    """``NotImplementedError`` for global module hooks or a trainable parameter registered under two names."""
     if _global_module_hooks():
-        raise NotImplementedError("hooks scoring: global module hooks are installed (they may change the outputs)")
+        raise NotImplementedError(f"{method} scoring: global module hooks are installed (they may change the outputs)")
     names: dict[int, list[str]] = {}
     for name, p in member.named_parameters(remove_duplicate=False):
         if p.requires_grad:
             names.setdefault(id(p), []).append(name)
     shared = [n for n in names.values() if len(n) > 1]
     if shared:
-        raise NotImplementedError(f"hooks scoring: parameter shared by {' and '.join(shared[0])} (shared weights get "
-                                  "gradient from several uses; per-use norms miss the cross terms)")
+        raise NotImplementedError(f"{method} scoring: parameter shared by {' and '.join(shared[0])} ({why_shared})")
+
+
+def _refuse_derived_or_hooked(mod: nn.Module, own: dict[str, torch.Tensor], method: str) -> None:
+    """``NotImplementedError`` when ``mod``'s weight is derived (parametrization, pre-hook) or a hook can change it."""
+    kind = type(mod).__name__
+    if parametrize.is_parametrized(mod) or mod._forward_pre_hooks:
+        raise NotImplementedError(f"{method} scoring: {kind} computes its weight from other tensors (parametrization "
+                                  "or forward pre-hook, e.g. torch.nn.utils.prune)")
+    if mod._forward_hooks or mod._backward_hooks or mod._backward_pre_hooks:
+        raise NotImplementedError(f"{method} scoring: {kind} carries module hooks (they may change its output)")
+    if any(p._backward_hooks for p in own.values()):
+        raise NotImplementedError(f"{method} scoring: a parameter of {kind} carries tensor hooks")
+
+
+def _check(member: nn.Module) -> list[nn.Module]:
+    """The modules owning trainable parameters, after the structural checks that need no forward.
+
+    Raises:
+        NotImplementedError: an unsupported module, a shared or derived parameter, or hooks (see the module doc).
+    """
+    _refuse_global_hooks_and_shared(member, "hooks", "shared weights get gradient from several uses; per-use "
+                                    "norms miss the cross terms")
     owners = []
     for mod in member.modules():
         trainable = [p for p in mod.parameters(recurse=False) if p.requires_grad]
@@ -170,17 +187,11 @@ def _check(member: nn.Module) -> list[nn.Module]:
             raise NotImplementedError(f"hooks scoring: unsupported parametrised module {kind}")
         if not _stock_forward(mod):
             raise NotImplementedError(f"hooks scoring: {kind} overrides torch's forward of its base class")
-        if parametrize.is_parametrized(mod) or mod._forward_pre_hooks:
-            raise NotImplementedError(f"hooks scoring: {kind} computes its weight from other tensors (parametrization "
-                                      "or forward pre-hook, e.g. torch.nn.utils.prune)")
         own = dict(_own_trainable(mod))
+        _refuse_derived_or_hooked(mod, own, "hooks")
         if set(own) - {"weight", "bias"} or any(getattr(mod, n) is not p for n, p in own.items()):
             raise NotImplementedError(f"hooks scoring: {kind}'s trainable parameters {sorted(own)} are not its own "
                                       "weight/bias attributes (a derived weight, e.g. torch.nn.utils.prune)")
-        if mod._forward_hooks or mod._backward_hooks or mod._backward_pre_hooks:
-            raise NotImplementedError(f"hooks scoring: {kind} carries module hooks (they may change its output)")
-        if any(p._backward_hooks for p in own.values()):
-            raise NotImplementedError(f"hooks scoring: a parameter of {kind} carries tensor hooks")
         if isinstance(mod, _BatchNorm) and (mod.training or mod.running_mean is None):
             raise NotImplementedError("hooks scoring: BatchNorm must be in eval mode with running statistics")
         owners.append(mod)
@@ -378,30 +389,15 @@ def _check_ghost(member: nn.Module) -> tuple[list[nn.Module], list[tuple[str, nn
             a supported module (grouped/padded-by-name Conv2d, Embedding with ``max_norm``/``scale_grad_by_freq``,
             train-mode BatchNorm), a derived weight, module or tensor hooks.
     """
-    if _global_module_hooks():
-        raise NotImplementedError("ghost scoring: global module hooks are installed (they may change the outputs)")
-    names: dict[int, list[str]] = {}
-    for name, p in member.named_parameters(remove_duplicate=False):
-        if p.requires_grad:
-            names.setdefault(id(p), []).append(name)
-    shared = [n for n in names.values() if len(n) > 1]
-    if shared:
-        raise NotImplementedError(f"ghost scoring: parameter shared by {' and '.join(shared[0])} (registered in two "
-                                  "modules; a module called several times is supported, two modules sharing a weight "
-                                  "are not)")
+    _refuse_global_hooks_and_shared(member, "ghost", "registered in two modules; a module called several times "
+                                    "is supported, two modules sharing a weight are not")
     owners, bare = [], []
     for prefix, mod in member.named_modules(remove_duplicate=False):
         own = dict(_own_trainable(mod))
         if not own:
             continue
         kind = type(mod).__name__
-        if parametrize.is_parametrized(mod) or mod._forward_pre_hooks:
-            raise NotImplementedError(f"ghost scoring: {kind} computes its weight from other tensors (parametrization "
-                                      "or forward pre-hook, e.g. torch.nn.utils.prune)")
-        if mod._forward_hooks or mod._backward_hooks or mod._backward_pre_hooks:
-            raise NotImplementedError(f"ghost scoring: {kind} carries module hooks (they may change its output)")
-        if any(p._backward_hooks for p in own.values()):
-            raise NotImplementedError(f"ghost scoring: a parameter of {kind} carries tensor hooks")
+        _refuse_derived_or_hooked(mod, own, "ghost")
         if not isinstance(mod, GHOST_MODULES):
             bare += [(f"{prefix}.{n}" if prefix else n, p) for n, p in own.items()]
             continue

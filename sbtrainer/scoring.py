@@ -193,14 +193,8 @@ def batch_scores_hooks_checked(
     if is_hf_model(member):
         raise NotImplementedError("hooks scoring takes plain modules with one input tensor")
     labels = batch_labels(batch)
-    per_sample = None if loss_fn in (F.cross_entropy, cross_entropy_per_sample) else loss_fn  # summed over 1-row slices, as the loop does
-    scores = batch_scores_hooks(member, batch[input_name], labels, per_sample).cpu()
-    if verify:
-        head = {k: v[:verify] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-        expected = batch_scores_loop(member, head, input_name, loss_fn)
-        if not torch.allclose(scores[:verify], expected, rtol=1e-3, atol=1e-8):
-            raise NotImplementedError(f"hooks scores {scores[:verify].tolist()} differ from the loop's {expected.tolist()}")
-    return scores
+    scores = batch_scores_hooks(member, batch[input_name], labels, _summed_loss(loss_fn)).cpu()
+    return _verified(scores, member, batch, input_name, loss_fn, verify, "hooks")
 
 
 def _fallback(member: nn.Module, method: str, err: Exception, to: str) -> None:
@@ -223,13 +217,24 @@ def batch_scores_ghost_checked(
             mismatch with the loop.
     """
     inputs, labels = model_inputs(batch, member, input_name), batch_labels(batch)
-    per_sample = None if loss_fn in (F.cross_entropy, cross_entropy_per_sample) else loss_fn
-    scores = batch_scores_ghost(member, lambda: call_member(member, inputs, input_name), labels, per_sample).cpu()
+    scores = batch_scores_ghost(member, lambda: call_member(member, inputs, input_name), labels,
+                                _summed_loss(loss_fn)).cpu()
+    return _verified(scores, member, batch, input_name, loss_fn, verify, "ghost")
+
+
+def _summed_loss(loss_fn: LossFn) -> LossFn | None:
+    """None for cross-entropy (the batched passes sum it themselves), else the loss, summed over 1-row slices."""
+    return None if loss_fn in (F.cross_entropy, cross_entropy_per_sample) else loss_fn
+
+
+def _verified(scores: torch.Tensor, member: nn.Module, batch: dict, input_name: str, loss_fn: LossFn, verify: int,
+              method: str) -> torch.Tensor:
+    """``scores``, after comparing the first ``verify`` samples with the loop (``NotImplementedError`` if they differ)."""
     if verify:
         head = {k: v[:verify] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
         expected = batch_scores_loop(member, head, input_name, loss_fn)
         if not torch.allclose(scores[:verify], expected, rtol=1e-3, atol=1e-8):
-            raise NotImplementedError(f"ghost scores {scores[:verify].tolist()} differ from the loop's {expected.tolist()}")
+            raise NotImplementedError(f"{method} scores {scores[:verify].tolist()} differ from the loop's {expected.tolist()}")
     return scores
 
 
