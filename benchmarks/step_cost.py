@@ -10,7 +10,7 @@ the table shows medians over the remaining steps.
 
 SharpBalance masks are installed with ``set_sam_masks`` from independent random scores (member i's
 SAM set is the union of the other members' top-k), so the in-batch SAM fraction is
-``f ~ 1 - (1 - k)^(m - 1)``; ``f`` is measured on the batches actually timed. DESIGN.md §1: a step
+``f ~ 1 - (1 - k)^(m - 1)``; ``f`` is measured on the batches actually timed. README "What a step does": a step
 costs ``1 + f`` plain steps (SAM: 2) if a forward+backward costs the same per sample at every batch
 size. It does not on a CPU (caches) nor on a GPU (occupancy), so each round also replays every timed
 step's passes bare: the same forward+backward passes at the same batch sizes (B; B, B; |S|, |S|, |N|) on

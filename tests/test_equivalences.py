@@ -1,4 +1,4 @@
-"""Exact equivalences between the three methods and between m-member and 1-member runs (DESIGN.md §3)."""
+"""Exact equivalences between the three methods and between m-member and 1-member runs."""
 
 import torch
 from helpers import image_data, make_args, make_trainer, mlp, small_cnn, vector_data

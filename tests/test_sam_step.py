@@ -1,4 +1,4 @@
-"""A SAM / ASAM / subset-SAM step through the real Trainer equals the formula of DESIGN.md §1 computed by hand."""
+"""A SAM / ASAM / subset-SAM step through the real Trainer equals the formula of paper Sec. 4.3 (README "What a step does") computed by hand."""
 
 import math
 
