@@ -158,11 +158,16 @@ class SharpBalanceTrainer(Trainer):
             sharpness; defaults to ``train_dataset`` itself.
         score_loss_fn: the per-sample loss whose squared gradient norm is a row's sharpness score; default the
             per-sample NLL (the empirical Fisher trace, paper Sec. 4.3), whatever the member loss.
+        **kwargs: every other `Trainer` argument (datasets, collator, callbacks, optimizers, ...).
 
     The member loss is the ensemble's ``loss_fn`` (`EnsembleModel`, default per-sample cross-entropy):
     training takes its mean over each member's sub-batch (with ``label_smoothing_factor`` added to the
     default), evaluation reports its mean as ``eval_loss``.
-        **kwargs: every other `Trainer` argument (datasets, collator, callbacks, optimizers, ...).
+
+    Raises:
+        TypeError: ``model`` is not an `EnsembleModel` or ``args`` not a `SharpBalanceConfig`.
+        ValueError: an option this trainer refuses (see the README's audit of `TrainingArguments`), a
+            SharpBalance run that cannot select any row, a dataset transform whose columns would be dropped.
     """
 
     def __init__(self, model: EnsembleModel | None = None, args: SharpBalanceConfig | None = None, score_dataset=None,
