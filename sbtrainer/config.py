@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .metrics import REDUCTIONS
 from .partition import RESIDUALS, SELECTIONS
 from .scoring import SCORE_METHODS
 
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 ENSEMBLE_METHODS = ("deep_ensemble", "sam", "sharpbalance")
 ENSEMBLE_PARALLELISMS = ("data", "members")
-REDUCTIONS = ("logits", "probs")
 
 # -- the audit of the inherited TrainingArguments fields ---------------------------------------------------
 INHERITED_STATUSES = ("honoured", "refused", "partly refused", "no effect", "trainer-side")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -27,8 +26,7 @@ from .member_adapter import (
     member_input_names,
     model_inputs,
 )
-
-REDUCTIONS = ("logits", "probs")
+from .metrics import REDUCTIONS, reduce_member_logits
 
 
 @dataclass
@@ -45,20 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def reduce_member_logits(member_logits: torch.Tensor, reduction: str = "logits") -> torch.Tensor:
-    """Ensemble logits ``(B, C)`` from member logits ``(B, m, C)``.
-
-    ``"logits"``: mean of logits. ``"probs"``: log of the mean softmax, so that ``softmax`` of the
-    result is the mean of the members' probabilities.
-    """
-    if reduction == "logits":
-        return member_logits.mean(dim=1)
-    if reduction == "probs":
-        log_probs = F.log_softmax(member_logits.float(), dim=-1)
-        return torch.logsumexp(log_probs, dim=1) - np.log(member_logits.shape[1])
-    raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
 
 
 class EnsembleModel(EnsembleHubMixin, nn.Module):

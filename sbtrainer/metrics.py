@@ -107,13 +107,24 @@ def _check_members(logits: torch.Tensor, metric: str) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 
-def _ensemble_log_probs(logits: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Ensemble log-probabilities ``(N, C)`` from member logits ``(N, m, C)``."""
+def reduce_member_logits(member_logits: torch.Tensor, reduction: str = "logits") -> torch.Tensor:
+    """Ensemble logits ``(B, C)`` from member logits ``(B, m, C)``: THE reduction (used by `EnsembleModel` too).
+
+    ``"logits"``: mean of the logits (paper Sec. 2). ``"probs"``: log of the mean softmax (the authors' release),
+    so that ``softmax`` of the result is the mean of the members' probabilities (half precision is computed in
+    float32).
+    """
     _check_reduction(reduction)
     if reduction == "logits":
-        return F.log_softmax(logits.mean(dim=1), dim=-1)
-    member_log_probs = F.log_softmax(logits, dim=-1)
-    return torch.logsumexp(member_log_probs, dim=1) - math.log(logits.shape[1])
+        return member_logits.mean(dim=1)
+    x = member_logits if member_logits.dtype in (torch.float32, torch.float64) else member_logits.float()
+    return torch.logsumexp(F.log_softmax(x, dim=-1), dim=1) - math.log(member_logits.shape[1])
+
+
+def _ensemble_log_probs(logits: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Ensemble log-probabilities ``(N, C)`` from member logits ``(N, m, C)``."""
+    reduced = reduce_member_logits(logits, reduction)
+    return F.log_softmax(reduced, dim=-1) if reduction == "logits" else reduced
 
 
 def ensemble_probs(member_logits: ArrayLike, reduction: str = "logits") -> torch.Tensor:
@@ -456,5 +467,6 @@ __all__ = [
     "member_brier",
     "member_ece",
     "member_nll",
+    "reduce_member_logits",
     "variance",
 ]
