@@ -216,6 +216,8 @@ class SharpBalanceTrainer(Trainer):
     def _hp_search_setup(self, trial) -> None:
         """The stock set-up (sets the trial's values on ``args``), then the config derived again, state reset."""
         super()._hp_search_setup(trial)
+        if trial is None or self.hp_search_backend is None:  # a plain train(): the stock set-up did nothing
+            return
         self.args.rederive()
         self._reset_scoring_state()
 
