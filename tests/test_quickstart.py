@@ -1,8 +1,8 @@
 """The README's main command, `make quickstart` = `.venv/bin/python recipes/quickstart.py`, end to end, as is.
 
 It runs with no arguments (from a temporary working directory, so its default ``outputs/quickstart``
-lands there), must finish in under 3 minutes on 2 CPU cores, and print one table with every method
-and column; the files it writes must agree with that table and with the ensembles it saved.
+lands there) and must print one table with every method and column; the files it writes must agree
+with that table and with the ensembles it saved. Its wall time is in the README, not asserted here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def quickstart(tmp_path_factory):
 
 
 def test_prints_one_table_with_every_method_and_column(quickstart):
-    proc, _, seconds = quickstart
+    proc, _, _ = quickstart
     lines = proc.stdout.splitlines()
     assert lines.count(HEADER) == 1
     at = lines.index(HEADER)
@@ -53,7 +53,7 @@ def test_prints_one_table_with_every_method_and_column(quickstart):
         assert 80 < member <= 100 and 80 < ensemble <= 100 and 20 < ood <= 100
         assert -1 < eir < 1 and der > 0 and sharpness > 0
     assert "quickstart: 100%" in proc.stderr  # the progress bar ran to its end
-    assert seconds < 180, f"the quickstart took {seconds:.0f} s (> 3 minutes)"
+    # its wall time (the third element) is reported in the README, never asserted: speed belongs to benchmarks/
 
 
 def test_writes_table_json_figures_and_ensembles(quickstart):
