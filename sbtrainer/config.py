@@ -12,9 +12,11 @@ fields that would silently turn the chosen method into another one are refused t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from importlib import resources
 
 from transformers import TrainingArguments
 
@@ -30,181 +32,14 @@ ENSEMBLE_PARALLELISMS = ("data", "members")
 # -- the audit of the inherited TrainingArguments fields ---------------------------------------------------
 INHERITED_STATUSES = ("honoured", "refused", "partly refused", "no effect", "trainer-side")
 
-_DDP_UNUSED = ("the DistributedDataParallel wrapper is dropped after `prepare`; gradients are combined by one "
-               "all-reduce per optimizer step (the SAM ascent stays local to each process)")
-_STOCK = "read by stock Trainer code that SharpBalanceTrainer does not override"
-_HUB_PUSH = "honoured by `SharpBalanceTrainer.push_to_hub` (the ensemble format: config, card, `member_<i>/`)"
 
-#: Every field of `transformers.TrainingArguments` (transformers 5.24) -> (status, why). A field that a new
-#: transformers version adds must be audited and added here (tests/test_training_arguments.py checks it).
+#: Every field of `transformers.TrainingArguments` (transformers 5.24) -> (status, why), kept as data in
+#: `inherited_fields.json` beside this module. A field that a new transformers version adds must be audited and
+#: added there (tests/test_training_arguments.py checks it).
 INHERITED_FIELDS: dict[str, tuple[str, str]] = {
-    # training length, batch, optimizer, schedule
-    "output_dir": ("honoured", "checkpoints, `sharpbalance_state.pt` and saved ensembles are written there"),
-    "per_device_train_batch_size": ("honoured", "the batch of ONE member per step: each member takes its own "
-                                    "sub-batch of this size in its own order (`sbtrainer.sampling`)"),
-    "num_train_epochs": ("honoured", "also sets the default Td (`scoring_start_epoch` = half of it)"),
-    "max_steps": ("honoured", "overrides `num_train_epochs` as in transformers"),
-    "learning_rate": ("honoured", "one optimizer over all members' parameters; members never share a parameter"),
-    "lr_scheduler_type": ("honoured", "the stock scheduler over the one optimizer (the same schedule for every "
-                          "member)"),
-    "lr_scheduler_kwargs": ("honoured", "passed to the stock scheduler"),
-    "warmup_steps": ("honoured", "stock scheduler"),
-    "optim": ("partly refused", "optimizers that only read `.grad` at `optimizer.step()` are honoured; refused: "
-              "`lomo`/`adalomo` and the `*_layerwise` GaLore/APOLLO variants (they update weights inside "
-              "`backward()`, so the SAM ascent pass would already step), and `schedule_free_*` (they need "
-              "`optimizer.train()`/`.eval()` switches the SharpBalance step and scoring do not make)"),
-    "optim_args": ("honoured", "passed to the optimizer (e.g. `momentum=0.9` for `sgd`)"),
-    "weight_decay": ("honoured", "stock optimizer groups: biases and norm weights of every member are exempt"),
-    "adam_beta1": ("honoured", "Adam-type optimizers"),
-    "adam_beta2": ("honoured", "Adam-type optimizers"),
-    "adam_epsilon": ("honoured", "Adam-type optimizers"),
-    "optim_target_modules": ("honoured", "GaLore/APOLLO (non-layerwise) only; no effect with other optimizers"),
-    "gradient_accumulation_steps": ("honoured", "each member's gradient is averaged over its rows of the "
-                                    "accumulation window; the SAM perturbation is computed per micro-batch"),
-    "average_tokens_across_devices": ("partly refused", "True (default) is what the trainer always does: each "
-                                      "member's loss averages over that member's rows of the optimizer step across "
-                                      "processes; False is refused"),
-    "max_grad_norm": ("honoured", "redefined by SharpBalanceConfig: clips each member's gradient separately; the "
-                      "default is 0 (off, as the paper's SGD)"),
-    "label_smoothing_factor": ("honoured", "each member's training loss is label-smoothed cross-entropy, as "
-                               "transformers applies it; `eval_loss` and per-sample scoring use plain cross-entropy"),
-    # precision and speed
-    "bf16": ("honoured", "bf16 autocast around each member's forward (also on CPU)"),
-    "fp16": ("partly refused", "honoured on GPU (autocast and a GradScaler); refused on CPU, where accelerate makes "
-             "neither an fp16 autocast nor a GradScaler, so training would silently run in float32 (use bf16)"),
-    "bf16_full_eval": ("honoured", "stock: `evaluate()`/`predict()` outside `train()` cast the ensemble to bf16 "
-                       "in place"),
-    "fp16_full_eval": ("honoured", "stock: `evaluate()`/`predict()` outside `train()` cast the ensemble to fp16 "
-                       "in place"),
-    "tf32": ("honoured", "a global torch backend flag (CUDA Ampere+; transformers refuses it elsewhere)"),
-    "activation_checkpointing": ("refused", "`EnsembleModel` has no `activation_checkpointing_enable`, and a "
-                                 "forward recomputed in backward would update BatchNorm running statistics twice"),
-    "activation_checkpointing_kwargs": ("no effect", "read only with `activation_checkpointing` (refused)"),
-    "gradient_checkpointing": ("refused", "deprecated alias of `activation_checkpointing`"),
-    "gradient_checkpointing_kwargs": ("no effect", "deprecated alias of `activation_checkpointing_kwargs`"),
-    "torch_compile": ("refused", "accelerate compiles `EnsembleModel.forward`, which the training step never "
-                      "calls (members are called one by one), so nothing would be compiled"),
-    "torch_compile_backend": ("refused", "setting it turns `torch_compile` on"),
-    "torch_compile_mode": ("refused", "setting it turns `torch_compile` on"),
-    "use_liger_kernel": ("refused", "Liger patches a transformers model's modules and loss; the members' loss is "
-                         "computed by the trainer"),
-    "liger_kernel_config": ("no effect", "read only with `use_liger_kernel` (refused)"),
-    "use_cache": ("no effect", "written to `model.config.use_cache`; `EnsembleModel` has no `config` (members keep "
-                  "their own)"),
-    "neftune_noise_alpha": ("refused", "NEFTune hooks the input embeddings of the model, and `EnsembleModel` has "
-                            "none (`train()` would fail)"),
-    "torch_empty_cache_steps": ("honoured", "the device cache is emptied every N optimizer steps after the step"),
-    "auto_find_batch_size": ("refused", "the member batch is a hyper-parameter of the method (the paper's 128); "
-                             "the per-member data loader does not read a reduced size"),
-    # logging and experiment tracking
-    "logging_strategy": ("honoured", "stock; training logs add `member_<i>_loss`, `_sam_batch_share`, "
-                         "`_ascent_grad_norm`"),
-    "logging_steps": ("honoured", _STOCK),
-    "logging_first_step": ("honoured", _STOCK),
-    "log_on_each_node": ("honoured", _STOCK),
-    "logging_nan_inf_filter": ("honoured", "the logged training loss is filtered as in transformers; `eval_loss` "
-                               "(recomputed from every row's member logits) averages the finite rows only"),
-    "include_num_input_tokens_seen": ("honoured", "stock count over the whole step batch (the tokens of every "
-                                      "member's sub-batch) of the `input_ids` column; other inputs are not counted "
-                                      "(`EnsembleModel` has no `main_input_name`)"),
-    "log_level": ("honoured", _STOCK),
-    "log_level_replica": ("honoured", _STOCK),
-    "disable_tqdm": ("honoured", "stock bars and the scoring bars"),
-    "report_to": ("honoured", "stock integrations"),
-    "run_name": ("honoured", "stock integrations"),
-    "project": ("honoured", _STOCK + " (Trackio)"),
-    "trackio_space_id": ("honoured", _STOCK + " (Trackio)"),
-    "trackio_bucket_id": ("honoured", _STOCK + " (Trackio)"),
-    "trackio_static_space_id": ("honoured", _STOCK + " (Trackio)"),
-    # evaluation
-    "eval_strategy": ("honoured", "stock schedule; one forward of the ensemble per batch gives the ensemble's and "
-                      "every member's logits"),
-    "eval_steps": ("honoured", _STOCK),
-    "eval_delay": ("honoured", _STOCK),
-    "per_device_eval_batch_size": ("honoured", "stock; every member sees the whole eval batch"),
-    "prediction_loss_only": ("honoured", "only `eval_loss` (the mean over members of each member's mean "
-                             "cross-entropy)"),
-    "eval_on_start": ("honoured", _STOCK),
-    "eval_do_concat_batches": ("partly refused", "False is refused: it hands per-batch lists to `compute_metrics`, "
-                               "and the ensemble metrics and `eval_loss` need whole (N, m, C) arrays"),
-    "eval_use_gather_object": ("honoured", "stock (only matters for non-tensor outputs)"),
-    "eval_accumulation_steps": ("honoured", _STOCK),
-    "include_for_metrics": ("honoured", "'loss' and 'inputs' (the ensemble's `main_input_name`)"),
-    "batch_eval_metrics": ("honoured", "with your own `compute_metrics(eval_pred, compute_result)`; refused by "
-                           "the trainer with the default ensemble metrics, which need every prediction at once"),
-    # saving and the Hub
-    "save_only_model": ("honoured", "stock (such checkpoints cannot be resumed; `sharpbalance_state.pt` is still "
-                        "written)"),
-    "save_strategy": ("honoured", "stock; every checkpoint also holds `sharpbalance_state.pt` (SAM masks, scores)"),
-    "save_steps": ("honoured", _STOCK),
-    "save_on_each_node": ("honoured", _STOCK),
-    "save_total_limit": ("honoured", _STOCK),
-    "enable_jit_checkpoint": ("honoured", "stock: the SIGTERM checkpoint goes through the SharpBalance "
-                              "`_save_checkpoint`"),
-    "push_to_hub": ("partly refused", "honoured with `hub_strategy='end'` (`trainer.push_to_hub()` / "
-                    "`save_model()` upload the ensemble format); refused with the other strategies, whose checkpoint "
-                    "pushes upload one flat state dict that `EnsembleModel.from_pretrained` cannot load"),
-    "hub_token": ("honoured", _HUB_PUSH),
-    "hub_private_repo": ("honoured", _HUB_PUSH),
-    "hub_model_id": ("honoured", _HUB_PUSH),
-    "hub_strategy": ("partly refused", "only 'end' (see `push_to_hub`)"),
-    "hub_always_push": ("no effect", "only checkpoint pushes read it, and those are refused"),
-    "hub_revision": ("refused", "`SharpBalanceTrainer.push_to_hub` uploads to the repo's default branch"),
-    "load_best_model_at_end": ("honoured", "the best checkpoint's weights are loaded into the ensemble (strictly)"),
-    "metric_for_best_model": ("honoured", "any evaluation metric: `loss`, `ensemble_accuracy`, `ensemble_nll`, ..."),
-    "greater_is_better": ("honoured", _STOCK),
-    "ignore_data_skip": ("honoured", "on resume the current epoch restarts at its first step (same per-member "
-                         "orders), as in transformers"),
-    "restore_callback_states_from_checkpoint": ("honoured", "stock (the scoring callback keeps its state in "
-                                                "`sharpbalance_state.pt`, restored on every resume)"),
-    # reproducibility and devices
-    "full_determinism": ("honoured", "stock `enable_full_determinism(seed)`"),
-    "seed": ("honoured", "the default `member_seeds` are `seed + i`; also seeds scoring-time transforms"),
-    "data_seed": ("refused", "each member's data order comes from its `member_seeds` entry "
-                  "(sbtrainer.sampling); `data_seed` would change nothing"),
-    "use_cpu": ("honoured", "stock device selection (with `fp16`: refused, see `fp16`)"),
-    "accelerator_config": ("partly refused", "honoured, except `split_batches=True` and `dispatch_batches=True`, "
-                           "which would split a step's member sub-batches across processes"),
-    "parallelism_config": ("refused", "tensor/context/sequence parallelism and sharded data parallelism split "
-                           "members across processes; the trainer averages whole-member gradients with one "
-                           "all-reduce"),
-    # data loading
-    "dataloader_drop_last": ("honoured", "drops each member's last incomplete sub-batch"),
-    "dataloader_num_workers": ("honoured", "training and evaluation loaders"),
-    "dataloader_pin_memory": ("honoured", "training and evaluation loaders"),
-    "dataloader_persistent_workers": ("honoured", "training and evaluation loaders"),
-    "dataloader_prefetch_factor": ("honoured", "training and evaluation loaders"),
-    "dataloader_multiprocessing_context": ("honoured", "training and evaluation loaders"),
-    "dataloader_in_order": ("honoured", "training and evaluation loaders"),
-    "remove_unused_columns": ("honoured", "keeps the members' inputs, the label and the index columns"),
-    "label_names": ("partly refused", "one name is honoured (that column is read as the labels in training, "
-                    "scoring and evaluation); none or several names are refused (a classifier has one label column)"),
-    "train_sampling_strategy": ("partly refused", "only 'random': each member draws its own random order from its "
-                                "seed"),
-    "length_column_name": ("no effect", "read only by the length-grouped samplers (refused)"),
-    # distributed
-    "ddp_find_unused_parameters": ("no effect", _DDP_UNUSED),
-    "ddp_bucket_cap_mb": ("no effect", _DDP_UNUSED),
-    "ddp_broadcast_buffers": ("no effect", _DDP_UNUSED + "; process 0 keeps its own buffers, as with DDP's "
-                              "broadcast"),
-    "ddp_static_graph": ("no effect", _DDP_UNUSED),
-    "ddp_backend": ("honoured", "the process group's backend"),
-    "ddp_timeout": ("honoured", "the process group's timeout"),
-    "fsdp": ("refused", "FSDP shards members and owns the gradient reduction; the SharpBalance step needs whole "
-             "members on every process"),
-    "fsdp_config": ("no effect", "read only with `fsdp` (refused)"),
-    "deepspeed": ("refused", "DeepSpeed owns the backward, the optimizer step and the gradient reduction, which "
-                  "the SharpBalance step does itself"),
-    "debug": ("honoured", "stock (`underflow_overflow` hooks every member's modules)"),
-    "skip_memory_metrics": ("honoured", _STOCK),
-    # script flags
-    "do_train": ("no effect", "not read by the Trainer (a flag for scripts), as in transformers"),
-    "do_eval": ("no effect", "not read by the Trainer (a flag for scripts), as in transformers"),
-    "do_predict": ("no effect", "not read by the Trainer (a flag for scripts), as in transformers"),
-    "resume_from_checkpoint": ("no effect", "not read by the Trainer; pass it to `train(resume_from_checkpoint=)`"),
-    "local_rank": ("no effect", "launcher compatibility; the rank comes from the environment"),
+    name: (row["status"], row["why"])
+    for name, row in json.loads(resources.files(__package__).joinpath("inherited_fields.json").read_text()).items()
 }
-
 
 
 def inherited_fields_markdown() -> str:
@@ -268,8 +103,9 @@ class SharpBalanceConfig(TrainingArguments):
 
     Raises:
         ValueError: a field out of range; an inherited `TrainingArguments` field that `SharpBalanceTrainer`
-            cannot honour (see `INHERITED_FIELDS`); or a combination that would silently make the chosen
-            method another one (e.g. ``ensemble_method='sam'`` with ``rho=0`` is a deep ensemble).
+            cannot honour (see `INHERITED_FIELDS`); or a combination that silently ignores a SAM option
+            (``member_rhos``/``adaptive`` with ``deep_ensemble``). Explicit limits that make the method another
+            one exactly (``rho=0``: a deep ensemble; ``sam_fraction=1``: SAM) are accepted with a warning.
     """
 
     ensemble_method: str = field(

@@ -87,13 +87,8 @@ def _cifar_c_slice(data_path: Path, labels_path: Path, severity: int) -> tuple[n
     return np.asarray(images[(severity - 1) * n : severity * n]), np.asarray(labels)
 
 
-def load_cifar_c(
-    root: str | os.PathLike,
-    corruption: str,
-    severity: int,
-    image_column: str = "img",
-    label_column: str = "label",
-) -> Any:
+def load_cifar_c(root: str | os.PathLike, corruption: str, severity: int, image_column: str = "img",
+                 label_column: str = "label") -> Any:
     """One (corruption, severity) set of a published CIFAR-10-C / CIFAR-100-C folder.
 
     Args:
