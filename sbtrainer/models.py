@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -296,6 +295,8 @@ def cifar_resnet(
     Input ``(B, 3, H, W)``, logits ``(B, num_classes)``. The module carries its build recipe.
     """
     channels = (width, 2 * width, 4 * width, 8 * width)
+    import timm  # lazy: importing the ensemble (hub -> models) must not cost timm's import time
+
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, channels=channels,
                               stem_width=width, **kwargs)
     model = apply_cifar_stem(model) if cifar_stem else model
@@ -311,6 +312,8 @@ def timm_model(model_name: str, pretrained: bool = False, num_classes: int | Non
     from the Hub. E.g. ``timm_model("vit_tiny_patch16_224", pretrained=True, num_classes=100)``.
     """
     extra = {"num_classes": num_classes} if num_classes is not None else {}
+    import timm
+
     model = timm.create_model(model_name, pretrained=pretrained, **extra, **kwargs)
     return record_build(model, "timm_model", {"model_name": model_name, "pretrained": False, **extra, **kwargs})
 
