@@ -454,7 +454,7 @@ class SharpBalanceTrainer(Trainer):
 
     # -- the step -----------------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Rows of each member in one accumulation window: int64 ``(m,)``, summed over processes.
+        """Rows of each member in one accumulation window: int64 ``(m,)`` on the CPU, summed over processes.
 
         Every row of a member's window then weighs ``1 / count`` in its gradient and in the logged loss,
         whatever the micro-batch sizes (the stock count would be None here, since the ensemble does not
@@ -464,10 +464,11 @@ class SharpBalanceTrainer(Trainer):
             return None
         m = self.ensemble.num_members
         counts = sum(torch.bincount(b["member_index"].reshape(-1).cpu(), minlength=m) for b in batch_samples)
-        counts = counts.to(device)
-        if self.accelerator.num_processes > 1 and self._data_mode:
-            dist.all_reduce(counts)
-        return counts
+        if self.accelerator.num_processes > 1 and self._data_mode:  # one collective (and host copy) per window
+            total = counts.to(device)
+            dist.all_reduce(total)
+            counts = total.cpu()
+        return counts  # on the CPU: training_step reads the counts without a device sync per micro-step
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Forward/backward of every member on its sub-batch; ``.grad`` holds the final gradient.
