@@ -2,7 +2,10 @@
 
 SAM (Foret et al., ICLR 2021, eq. 2): ``eps = rho * g / ||g||``; the descent gradient is taken at
 ``theta + eps``. ASAM (Kwon et al., ICML 2021, eq. 9): ``eps = rho * T^2 g / ||T g||`` with
-``T = diag(|theta|)``. Rules every SAM step here obeys:
+``T = diag(|theta|)``. GSAM (Zhuang et al., ICLR 2022, Algorithm 1): the descent direction is
+``g_p - alpha * g_perp`` with ``g_p`` the gradient at ``theta + eps`` and ``g_perp`` the part of ``g``
+orthogonal to ``g_p`` (:func:`gsam_descent_`); it reuses the two gradients SAM computes anyway.
+Rules every SAM step here obeys:
 
 - the perturbed pass leaves no trace in the model's state: every buffer (BatchNorm running statistics,
   a hand-written norm layer's statistics, step counters, any dtype) is restored bitwise after it
@@ -17,6 +20,7 @@ All functions work on lists of parameters and avoid host syncs (no ``.item()``).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +199,67 @@ class StepResult:
 AscentRule = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float, bool],
                       tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]
 
+SAM_VARIANTS = ("sam", "gsam")
+"""The descent rules of `subset_sam_step`: SAM's ``g_p`` itself, or GSAM's ``g_p - alpha * g_perp``."""
+
+
+def gsam_descent_(
+    descent: Sequence[torch.Tensor], ascent: Sequence[torch.Tensor], alpha: float, ok: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GSAM's descent direction (Zhuang et al., ICLR 2022, Algorithm 1), written IN PLACE over ``descent``.
+
+    With ``g`` = ``ascent`` (the gradient at θ) and ``g_p`` = ``descent`` (the gradient at θ + ε)::
+
+        g_perp = g - (<g, g_p> / ||g_p||^2) g_p          (the part of g orthogonal to g_p)
+        descent <- g_p - alpha * g_perp = (1 + alpha <g, g_p>/||g_p||^2) g_p - alpha g
+
+    The inner product and norm run over all tensors together (one flat vector), accumulated in float32
+    (float64 for float64 tensors). The map is homogeneous: scaling ``g`` and ``g_p`` by one common factor
+    (a loss scale) scales the result by it, so both may be read before a GradScaler's unscale as long as
+    they carry the SAME scale. A caller whose ``descent`` is ``c * g_p`` (a row weight) passes ``c * alpha``
+    here and gets ``c * (g_p - alpha g_perp)``, since the projection does not depend on ``g_p``'s length.
+
+    Where ``||g_p|| = 0``, ``<g, g_p>`` or ``||g_p||`` is non-finite, or ``ok`` is False, ``descent`` is left
+    bitwise as it is (GSAM degrades to SAM for that step; a non-finite ``g_p`` stays visible to a loss
+    scaler's inf check). No host sync: the choice is made on the device.
+
+    Args:
+        descent: ``g_p``, a list of tensors (any shapes); overwritten with the GSAM direction.
+        ascent: ``g``, tensors shaped like ``descent``; read only.
+        alpha: GSAM's α (>= 0); ``alpha == 0`` returns at once and touches nothing (bitwise SAM).
+        ok: optional 0-d bool, e.g. the ascent rule's ``ok`` (False: ``g`` was zero or non-finite).
+
+    Returns:
+        A 0-d bool on the device: True where the correction was applied.
+
+    Raises:
+        ValueError: ``alpha`` negative or not finite, or ``descent`` and ``ascent`` of different lengths.
+    """
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"gsam_descent_: alpha must be finite and >= 0; got {alpha!r}")
+    if len(descent) != len(ascent):
+        raise ValueError(f"gsam_descent_: descent and ascent must have the same length; got {len(descent)} and "
+                         f"{len(ascent)}")
+    if not descent:
+        return torch.zeros((), dtype=torch.bool)
+    device = descent[0].device
+    if alpha == 0.0:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    acc = torch.float64 if any(d.dtype == torch.float64 for d in descent) else torch.float32
+    dot = torch.stack([torch.dot(a.reshape(-1).to(acc), d.reshape(-1).to(acc)) for a, d in zip(ascent, descent)]).sum()
+    sq = torch.stack([n.to(acc) for n in torch._foreach_norm(list(descent), 2.0)]).square().sum()
+    good = torch.isfinite(dot) & torch.isfinite(sq) & (sq > 0)
+    if ok is not None:
+        good = good & ok.to(device)
+    coef = torch.where(good, dot / sq.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(sq))
+    scale = 1.0 + alpha * coef  # exactly 1 where not good: descent * 1 is descent bitwise
+    zero = torch.zeros((), dtype=acc, device=device)
+    with torch.no_grad():
+        for d, a in zip(descent, ascent):
+            d.mul_(scale.to(d.dtype)).add_(torch.where(good, a, zero.to(a.dtype)), alpha=-alpha)  # + (-0.0): exact
+    return good
+
+
 
 def _backward(loss: torch.Tensor) -> None:
     loss.backward()
@@ -218,14 +283,18 @@ def subset_sam_step(
     unscale: Callable[[torch.Tensor], torch.Tensor] = _identity,
     ascent: AscentRule | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    variant: str = "sam",
+    gsam_alpha: float = 0.0,
 ) -> StepResult:
     """One member's (subset-)SAM step (paper Sec. 4.3, eq. 3): ADD to ``.grad`` the gradient of ``row_weight * Σ_rows loss``.
 
     With ``S`` the rows where ``sam_mask`` is True and ``N`` the rest of the sub-batch ``B``::
 
-        .grad += row_weight * ( |S| ∇L_S(θ + ε_S) + |N| ∇L_N(θ) ),   ε_S = ascent(∇L_S(θ)) (SAM: ρ g/‖g‖)
+        .grad += row_weight * ( |S| d_S + |N| ∇L_N(θ) ),   ε_S = ascent(∇L_S(θ)) (SAM: ρ g/‖g‖)
 
-    so ``row_weight = 1/|B|`` gives the mean over the batch, and ``1/(rows in the accumulation window)``
+    with ``d_S = ∇L_S(θ + ε_S)`` (``variant="sam"``) or GSAM's ``d_S = g_p − α g_⊥`` (``variant="gsam"``;
+    ``g = ∇L_S(θ)``, ``g_p = ∇L_S(θ + ε_S)``, ``g_⊥`` the part of ``g`` orthogonal to ``g_p``;
+    :func:`gsam_descent_`), at the same cost: two passes on S, one on N. So ``row_weight = 1/|B|`` gives the mean over the batch, and ``1/(rows in the accumulation window)``
     weighs every row of a window equally. ``S = ∅`` or ``rho = 0`` is one plain pass; ``S = B`` is SAM.
     Order: stash the accumulated ``.grad``; ascent pass on S at θ; ε; perturbed pass on S at θ+ε with every
     buffer restored afterwards and the weights restored bitwise; plain pass on N at θ; unstash.
@@ -246,10 +315,22 @@ def subset_sam_step(
             :func:`sam_epsilon` (SAM/ASAM).
             ε must not depend on a loss scale (SAM's and ASAM's do not: they normalise the gradient).
         autocast: context manager for the forward passes (mixed precision).
+        variant: ``"sam"`` or ``"gsam"`` (Zhuang et al., ICLR 2022), the descent rule on S; ASAM is
+            ``adaptive``, so ``adaptive=True`` with ``"gsam"`` perturbs by ASAM's ε and corrects by GSAM.
+        gsam_alpha: GSAM's α (>= 0, finite); read only with ``variant="gsam"``. α = 0 is SAM bitwise (the
+            correction is skipped). Where the correction is undefined (``g_p = 0``, a non-finite inner
+            product, or a zero / non-finite ascent gradient) the step is SAM's.
 
     Returns:
         `StepResult`.
+
+    Raises:
+        ValueError: ``variant`` not in `SAM_VARIANTS`, or ``gsam_alpha`` negative or not finite.
     """
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"subset_sam_step: variant must be one of {SAM_VARIANTS}; got {variant!r}")
+    if not (gsam_alpha >= 0 and math.isfinite(gsam_alpha)):
+        raise ValueError(f"subset_sam_step: gsam_alpha must be finite and >= 0; got {gsam_alpha!r}")
     n_b = int(sam_mask.numel())
     n_s = int(sam_mask.sum())
     if n_s == 0 or rho == 0.0:  # a plain pass: one forward+backward over B
@@ -263,14 +344,23 @@ def subset_sam_step(
     with autocast():
         loss_s = loss_of(s_batch, n_s)  # ascent at θ (updates BatchNorm running stats: a pass at θ)
     backward(loss_s)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    eps, norm, _ = (ascent or sam_epsilon)(params, grads, rho, adaptive)
+    had_grad = [p.grad is not None for p in params]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # g (loss-scaled), kept
+    eps, norm, ok = (ascent or sam_epsilon)(params, grads, rho, adaptive)
     for p in params:
         p.grad = None
     with perturbed(params, eps), frozen_buffers(member):
         with autocast():
             loss_p = loss_of(s_batch, n_s)
         backward(loss_p * (n_s * row_weight))
+    if variant == "gsam" and gsam_alpha != 0.0:
+        # .grad is c·g_p (c = |S|·row_weight) and `grads` is g, both times the same loss scale: passing c·α
+        # gives c·(g_p − α g_⊥). A parameter the perturbed pass left without a gradient has g_p = 0 there.
+        for p, had in zip(params, had_grad):
+            if p.grad is None and had:
+                p.grad = torch.zeros_like(p)
+        pairs = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None]
+        gsam_descent_([d for d, _ in pairs], [g for _, g in pairs], gsam_alpha * n_s * row_weight, ok)
     loss = loss_s.detach() * (n_s / n_b)
     if n_s < n_b:
         n_batch = select_rows(batch, torch.nonzero(~sam_mask).squeeze(1), n_b, device)
