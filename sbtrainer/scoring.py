@@ -124,6 +124,7 @@ def score_members(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "scoring",
+    prepare: Callable[[dict], dict] | None = None,
 ) -> torch.Tensor:
     """Per-sample sharpness ``(len(members), len(rows))`` float32 of each member on ``dataset[rows]``.
 
@@ -134,6 +135,8 @@ def score_members(
     the per-sample loss ``(B,)`` (the member loss of `sbtrainer.member_adapter`; it is applied to one row at a time,
     so a batch-mean loss works too); the default, the per-sample NLL, makes the score the empirical Fisher
     trace of paper Sec. 4.3. Each member is scored in eval mode with its buffers restored afterwards.
+    ``prepare``, if given, maps each collated batch after it is moved to ``device`` (e.g. a device-side
+    image pipeline's clean view).
 
     Raises:
         ValueError: an unknown ``method`` or ``batch_size < 1``.
@@ -154,6 +157,8 @@ def score_members(
             stack.enter_context(frozen_buffers(member))
         for batch in tqdm(_batches(dataset, rows, collate_fn, batch_size), desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if prepare is not None:
+                batch = prepare(batch)
             for i, member in enumerate(members):
                 scores, methods[i] = _score_batch(member, batch, methods[i], input_name, loss_fn)
                 chunks[i].append(scores)
@@ -166,7 +171,7 @@ def per_sample_sharpness(member: nn.Module, dataset: Dataset, *, desc: str = "sh
     """Per-sample sharpness ``(len(rows),)`` float32 of one ``member``: `score_members` for one member.
 
     Keyword arguments (``rows``, ``collate_fn``, ``batch_size``, ``method``, ``input_name``, ``loss_fn``,
-    ``device``, ``progress``) are those of `score_members`.
+    ``device``, ``progress``, ``prepare``) are those of `score_members`.
     """
     return score_members([member], dataset, desc=desc, **kwargs)[0]
 

@@ -22,7 +22,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -30,11 +30,12 @@ import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer, default_data_collator
+from transformers import Trainer, TrainerCallback, default_data_collator
 from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .averaging import MemberAverages
 from .config import SharpBalanceConfig
 from .ensemble import EnsembleModel
 from .member_adapter import (
@@ -47,12 +48,20 @@ from .member_adapter import (
 )
 from .partition import partition_statistics, sam_sets, top_k_masks
 from .sam import select_rows, single_sample_norm_eval, subset_sam_step
-from .sampling import TAG_DROPOUT, MemberBatchSampler, MemberStreamDataset, SeededRowsDataset, mix_seed
+from .sampling import (
+    TAG_AUGMENT,
+    TAG_DROPOUT,
+    MemberBatchSampler,
+    MemberStreamDataset,
+    SeededRowsDataset,
+    mix_seed,
+)
 from .scoring import is_scoring_epoch, score_members
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "sharpbalance_state.pt"
+AVERAGES_NAME = "moving_average.pt"
 
 
 # Private `transformers.Trainer` methods this trainer overrides or calls. They are not public API: each is
@@ -158,6 +167,13 @@ class SharpBalanceTrainer(Trainer):
             sharpness; defaults to ``train_dataset`` itself.
         score_loss_fn: the per-sample loss whose squared gradient norm is a row's sharpness score; default the
             per-sample NLL (the empirical Fisher trace, paper Sec. 4.3), whatever the member loss.
+        device_transform: ``(inputs, seeds) -> inputs``, applied to every batch once it is on the device
+            (training, evaluation, prediction, scoring), e.g. `sbtrainer.data.DeviceImagePipeline`. ``seeds``
+            is the ``(B,)`` int64 CPU tensor of the rows' augmentation seeds ``mix_seed(member_seed, epoch, row,
+            TAG_AUGMENT)`` (`sbtrainer.sampling`) in training, the same seeds the CPU path draws a row's
+            augmentation under, so per-member streams, resume and m-vs-1 equality stay exact; ``None`` elsewhere
+            (the clean view). Its ``columns`` attribute (if any) names dataset columns it reads, kept when
+            unused columns are removed.
         **kwargs: every other `Trainer` argument (datasets, collator, callbacks, optimizers, ...).
 
     The member loss is the ensemble's ``loss_fn`` (`EnsembleModel`, default per-sample cross-entropy):
@@ -171,7 +187,8 @@ class SharpBalanceTrainer(Trainer):
     """
 
     def __init__(self, model: EnsembleModel | None = None, args: SharpBalanceConfig | None = None, score_dataset=None,
-                 score_loss_fn: MemberLoss | None = None, **kwargs) -> None:
+                 score_loss_fn: MemberLoss | None = None,
+                 device_transform: Callable[[dict, torch.Tensor | None], dict] | None = None, **kwargs) -> None:
         model_init = kwargs.pop("model_init", None)
         if model is None and model_init is not None:  # built once here; each trial of a search builds its own
             from transformers.trainer_utils import number_of_arguments
@@ -199,6 +216,7 @@ class SharpBalanceTrainer(Trainer):
         self.score_loss_fn: MemberLoss = score_loss_fn if score_loss_fn is not None else cross_entropy_per_sample
         self._train_loss_fn = _training_loss(model, args)
         self.score_dataset = score_dataset
+        self.device_transform = device_transform
         self.sam_masks: torch.Tensor | None = None
         self.sample_scores: torch.Tensor | None = None
         self.last_scored_epoch: int | None = None
@@ -211,6 +229,10 @@ class SharpBalanceTrainer(Trainer):
         self.owned_members = _owned_members(model.num_members, args, self.accelerator.num_processes,
                                             self.accelerator.process_index)
         self._check_sam_fraction()
+        self.member_averages: MemberAverages | None = None
+        _check_averaging(args, self.accelerator.num_processes)
+        if args.moving_average_start_step is not None:
+            self.add_callback(_AverageAfterStep(self))
 
     # -- hyper-parameter search ----------------------------------------------------------------------
     def _hp_search_setup(self, trial) -> None:
@@ -271,7 +293,37 @@ class SharpBalanceTrainer(Trainer):
         self._check_schedule()
         output = super().train(*args, **kwargs)
         self._synchronize()
+        if self.member_averages is not None:
+            self._install_averages()
         return output
+
+    def _install_averages(self) -> None:
+        """EoA's end of training: BatchNorm statistics of each averaged member recomputed, averages installed.
+
+        `update_bn` runs over the training rows' clean view (``score_dataset``, or the training set with any
+        random transform fixed per row), batch ``per_device_eval_batch_size``; every process sees every row.
+        """
+        if min(self.member_averages.num_averaged) == 0:
+            logger.warning("moving_average_start_step=%d was never reached (%d optimizer steps): the live weights "
+                           "are kept.", self.args.moving_average_start_step, self.state.global_step)
+            self.member_averages = None
+            return
+        dataset, collate_fn = self.scoring_data(self.current_epoch())
+        collate = collate_fn if collate_fn is not None else default_data_collator
+        size, device = self.args.per_device_eval_batch_size, self.args.device
+
+        def batches():
+            for lo in range(0, len(dataset), size):
+                rows = list(range(lo, min(lo + size, len(dataset))))
+                getitems = getattr(dataset, "__getitems__", None)
+                examples = getitems(rows) if getitems is not None else [dataset[r] for r in rows]
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples).items()}
+                yield self._clean_view(batch)
+
+        self.member_averages.recompute_batchnorm(batches, self.ensemble.input_name)
+        self.member_averages.copy_into(self.ensemble.members)
+        logger.info("Installed the moving averages of %s optimizer steps per member.",
+                    self.member_averages.num_averaged)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` (call it on every process), the ensemble synchronised first."""
@@ -356,6 +408,7 @@ class SharpBalanceTrainer(Trainer):
         # The ensemble's forward(**inputs) names no inputs: keep the members' inputs, labels and index columns.
         if self._signature_columns is None:
             self._signature_columns = self.ensemble.input_names() + list(LABEL_KEYS) + list(INDEX_KEYS)
+            self._signature_columns += list(getattr(self.device_transform, "columns", ()))
             self._signature_columns += [n for n in self.label_names if n not in self._signature_columns]
 
     def _with_model_columns(self, dataset, description: str) -> tuple:
@@ -432,7 +485,7 @@ class SharpBalanceTrainer(Trainer):
             list(ensemble.members), dataset, rows=range(lo, hi), collate_fn=collate_fn,
             batch_size=args.score_batch_size, method=args.score_method, input_name=ensemble.input_name,
             loss_fn=self.score_loss_fn, device=acc.device, progress=acc.is_local_main_process and not args.disable_tqdm,
-            desc=f"scoring {ensemble.num_members} members").to(acc.device)
+            desc=f"scoring {ensemble.num_members} members", prepare=self._clean_view).to(acc.device)
         if world > 1:
             scores = acc.reduce(scores, reduction="sum")
         return scores.float().cpu()
@@ -446,10 +499,15 @@ class SharpBalanceTrainer(Trainer):
         referenced by an object that is only freed at interpreter shutdown, where Gloo can abort
         (SIGABRT) after a successful run. DDP's construction already broadcast rank 0's weights.
         """
+        if self.args.moving_average_start_step is not None:  # before a resume loads the saved averages
+            self.member_averages = MemberAverages(self.ensemble.members, self.args.moving_average_start_step,
+                                                  self.owned_members)
         model, loader = super()._prepare_for_training(*args, **kwargs)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
             self.model_wrapped = model
+        if self.member_averages is not None and self.state.global_step == 0:  # t = 0: the initial weights
+            self.member_averages.update(self.ensemble.members, 0)
         return model, loader
 
     # -- the step -----------------------------------------------------------------------------------
@@ -483,6 +541,8 @@ class SharpBalanceTrainer(Trainer):
         sample_index = inputs.pop("sample_index").cpu()
         member_index = inputs.pop("member_index").cpu()
         inputs = self._prepare_inputs(self._standard_labels(inputs))
+        if self.device_transform is not None:
+            inputs = self.device_transform(inputs, self._augment_seeds(member_index, sample_index))
         if num_items_in_batch is None:  # called outside the training loop: this micro-batch is the window
             world = self.accelerator.num_processes
             num_items_in_batch = torch.bincount(member_index, minlength=ensemble.num_members) * (
@@ -509,6 +569,16 @@ class SharpBalanceTrainer(Trainer):
         # The stock loop averages the logged loss over processes; each process holds its share of the sum.
         return total.detach() * (self.accelerator.num_processes / ensemble.num_members)
 
+    def _augment_seeds(self, member_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` int64: each row's augmentation seed, the one `MemberStreamDataset` fetches it under."""
+        seeds, epoch = self.args.member_seeds, self._member_sampler.epoch
+        return torch.tensor([mix_seed(seeds[m], epoch, r, TAG_AUGMENT)
+                             for m, r in zip(member_index.tolist(), sample_index.tolist(), strict=True)],
+                            dtype=torch.int64)
+
+    def _clean_view(self, inputs: dict) -> dict:
+        return inputs if self.device_transform is None else self.device_transform(inputs, None)
+
     def _count_skipped_step(self) -> None:
         """Count the last optimizer step if the loss scaler skipped it (inf/NaN gradients), once per step."""
         step = self.state.global_step
@@ -526,7 +596,8 @@ class SharpBalanceTrainer(Trainer):
         result = subset_sam_step(
             self.ensemble.members[i], lambda sub, rows: self._loss(i, sub, rows), batch, sam_mask,
             self.args.rho_of(i), row_weight=row_weight, adaptive=self.args.adaptive, device=self.args.device,
-            backward=self._backward, unscale=self._unscaled, autocast=self.accelerator.autocast)
+            backward=self._backward, unscale=self._unscaled, autocast=self.accelerator.autocast,
+            variant=self.args.sam_variant, gsam_alpha=self.args.gsam_alpha)
         self._step_log.add(i, result.loss, int(sam_mask.numel()), result.sam_rows, result.ascent_norm)
         return result.loss
 
@@ -661,7 +732,7 @@ class SharpBalanceTrainer(Trainer):
         ``loss`` is the mean over members of each member's mean cross-entropy (no label smoothing):
         the number to compare with a single model's loss and with the ensemble's NLL.
         """
-        inputs = self._prepare_inputs(self._standard_labels(dict(inputs)))
+        inputs = self._clean_view(self._prepare_inputs(self._standard_labels(dict(inputs))))
         labels = next((inputs.pop(k) for k in LABEL_KEYS if k in inputs), None)
         for k in INDEX_KEYS:
             inputs.pop(k, None)
@@ -762,6 +833,8 @@ class SharpBalanceTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self._sharpbalance_state(), os.path.join(folder, STATE_NAME))
+            if self.member_averages is not None:
+                torch.save(self.member_averages.state_dict(), os.path.join(folder, AVERAGES_NAME))
 
     def _sharpbalance_state(self) -> dict:
         return {
@@ -787,6 +860,16 @@ class SharpBalanceTrainer(Trainer):
                 merged["state"].update(other["state"])
             torch.save(merged, os.path.join(output_dir, OPTIMIZER_NAME))
 
+    def _load_averages(self, checkpoint: str) -> None:
+        if self.member_averages is None:
+            return
+        path = os.path.join(checkpoint, AVERAGES_NAME)
+        if os.path.isfile(path):
+            self.member_averages.load_state_dict(torch.load(path, weights_only=True, map_location=self.args.device))
+        elif self.state.global_step >= self.args.moving_average_start_step:
+            logger.warning("%s has no %s: the moving averages start again from the resumed weights.",
+                           checkpoint, AVERAGES_NAME)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and not self._data_mode:  # keep the state of this process's members only
@@ -796,6 +879,7 @@ class SharpBalanceTrainer(Trainer):
                 del inner.state[p]
         if checkpoint is None:
             return
+        self._load_averages(checkpoint)
         path = os.path.join(checkpoint, STATE_NAME)
         if not os.path.isfile(path):
             logger.warning("%s has no %s: resuming without SAM masks, scores or scoring history.", checkpoint, STATE_NAME)
@@ -838,6 +922,28 @@ def _check_transform_columns(args: SharpBalanceConfig, **datasets_by_name) -> No
                 raise ValueError(
                     f"SharpBalanceConfig.remove_unused_columns=True would drop the columns that the transform of "
                     f"{name} (set by with_transform/set_transform) reads; set remove_unused_columns=False.")
+
+
+class _AverageAfterStep(TrainerCallback):
+    """Adds each member's weights to its moving average after every optimizer step (EoA)."""
+
+    def __init__(self, trainer: SharpBalanceTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.member_averages is not None:
+            self.trainer.member_averages.update(self.trainer.ensemble.members, state.global_step)
+
+
+def _check_averaging(args: SharpBalanceConfig, world: int) -> None:
+    if args.moving_average_start_step is None:
+        return
+    if args.ensemble_parallelism == "members" and world > 1:
+        raise ValueError("SharpBalanceConfig.moving_average_start_step is not supported with "
+                         f"ensemble_parallelism='members' on {world} processes yet; use ensemble_parallelism='data'")
+    if args.load_best_model_at_end:
+        raise ValueError("SharpBalanceConfig.moving_average_start_step and load_best_model_at_end=True both choose the "
+                         "final weights (the averages vs the best checkpoint's live weights); set only one")
 
 
 def _owned_members(num_members: int, args: SharpBalanceConfig, world: int, rank: int) -> list[int]:
