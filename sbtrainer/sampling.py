@@ -186,8 +186,21 @@ class _HFPlainReader:
         return raw
 
 
+class _DeterministicReader(_HFPlainReader):
+    """A dataset that declares ``deterministic = True`` (its rows draw no random numbers, e.g.
+    `sbtrainer.data.ImageIndexDataset`): its own ``__getitems__`` (or ``dataset[row]``), no seeding."""
+
+    def read(self, rows: list[int]) -> list[Any]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            return getitems(rows) if rows else []
+        return [self.dataset[r] for r in rows]
+
+
 def _row_reader(dataset: Dataset, batched: bool) -> _PerRowReader | _HFTransformReader | _HFPlainReader:
     """The fastest reader of ``dataset`` that gives bitwise the rows ``dataset[row]`` gives under the row's seed."""
+    if getattr(dataset, "deterministic", False) is True:
+        return _DeterministicReader(dataset)
     if not batched:
         return _PerRowReader(dataset)
     try:
@@ -225,6 +238,8 @@ class _ReaderMixin:
     def _read_seeded(self, rows: list[int], seeds: list[int]) -> list[Any]:
         """``dataset[rows[j]]`` under ``seeds[j]`` for every j; the raw rows read in one call where possible."""
         reader = self.reader
+        if not reader.needs_seed:
+            return [reader.finish(raw) for raw in reader.read(rows)]
         with _GlobalRngGuard():
             raws = reader.read(rows)
             out = []
@@ -275,7 +290,8 @@ class MemberStreamDataset(_ReaderMixin, Dataset):
 
     def __getitems__(self, keys: list[SampleKey]) -> list[dict]:
         keys = [tuple(k) for k in keys]
-        examples = self._read_seeded([row for _, _, row in keys], [self._seed(k) for k in keys])
+        seeds = [self._seed(k) for k in keys] if self.reader.needs_seed else [0] * len(keys)
+        examples = self._read_seeded([row for _, _, row in keys], seeds)
         out = []
         for (member, _, row), example in zip(keys, examples, strict=True):
             example = dict(example)

@@ -216,6 +216,8 @@ class SharpBalanceTrainer(Trainer):
         self.score_loss_fn: MemberLoss = score_loss_fn if score_loss_fn is not None else cross_entropy_per_sample
         self._train_loss_fn = _training_loss(model, args)
         self.score_dataset = score_dataset
+        if device_transform is not None and callable(getattr(device_transform, "to", None)):
+            device_transform = device_transform.to(self.args.device)  # e.g. a pipeline's image store
         self.device_transform = device_transform
         self.sam_masks: torch.Tensor | None = None
         self.sample_scores: torch.Tensor | None = None
