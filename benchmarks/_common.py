@@ -142,6 +142,29 @@ def cifar_tensors(n: int, seed: int = 0, real: bool = True) -> tuple[torch.Tenso
     return x.contiguous(), torch.tensor(rows["label"]), "cifar10"
 
 
+def cifar_uint8(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first ``n`` CIFAR-10 rows as uint8 ``(n, 3, 32, 32)`` and int64 labels ``(n,)``, and their source.
+
+    Read from the local copy's parquet with pyarrow and decoded with PIL (no ``datasets``: the lent GPU
+    machines have none); random uint8 images where the copy is absent.
+    """
+    files = sorted((CIFAR_DIR / "plain_text").glob(f"{split}-*.parquet")) if CIFAR_DIR.is_dir() else []
+    if not files:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                torch.randint(0, 10, (n,), generator=g), "random")
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(files[0]).slice(0, n)
+    images = [np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")) for cell in table.column("img").to_pylist()]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(table.column("label").to_pylist()), "cifar10"
+
+
 class TensorDictDataset(Dataset):
     """Rows ``{"pixel_values": x[i], "labels": y[i]}`` of in-memory tensors (no decoding, no augmentation)."""
 

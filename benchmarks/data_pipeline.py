@@ -18,6 +18,18 @@ decode (per row and batched) and the transform (crop + flip + to tensor + normal
 two loaders are stepped in turn and each step timed (wall and process CPU time), so a loaded machine slows
 both alike.
 
+CPU per-row pipeline vs the device pipeline (``device_pipeline``, `device_vs_cpu_images_per_s`, also imported by
+gpu_check.py): the same member steps (m sub-batches of B rows, (member, epoch, row) seeds) through
+
+- ``cpu_loader``: the member loader over decoded uint8 images, each row to PIL + crop/flip + to tensor +
+  normalise under its seed (the recipes' CPU path without the JPEG/PNG decode), collated, moved to the device;
+- ``device_loader``: the member loader over ``DeviceImagePipeline.index_dataset`` (row indices), collated, moved,
+  the rows' seeds computed, then ``DeviceImagePipeline`` (gather + crop/flip + normalise on the device);
+- ``device_augment``: the ``DeviceImagePipeline`` call alone (indices and seeds prepared beforehand).
+
+Each variant is timed over ``--images`` images per round, rounds alternating (the order flips each round), medians;
+on CPU here, and on CUDA too when available.
+
 Step images/s come from step_cost.json in ``--out-dir`` or benchmarks/results (run step_cost.py first) or ``--step-images-per-s``.
 With 2 cores, worker processes compete with the training step for the same cores; the column
 ``load_share_w0`` is the fraction of step time that loading would add in the main process.
@@ -180,6 +192,144 @@ def breakdown(ds, transform, args) -> dict:
             "transform_per_row_us": 1e6 * statistics.median(tf), "chunks": pairs, "rows_per_read": step}
 
 
+class _UInt8AugmentDataset(torch.utils.data.Dataset):
+    """Rows ``{"pixel_values": transform(PIL image), "labels": y}`` of decoded uint8 images: the CPU per-row path."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.hwc = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C), as PIL wants it
+        self.labels, self.transform = labels.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        return {"pixel_values": self.transform(Image.fromarray(self.hwc[i])), "labels": self.labels[i]}
+
+
+def device_vs_cpu_images_per_s(images: torch.Tensor, labels: torch.Tensor, batch: int, members: int,
+                               device: str | torch.device, rounds: int = 3, images_per_round: int | None = None,
+                               padding: int = 4) -> dict:
+    """Images/s of the CPU per-row augmentation vs `sbtrainer.data.DeviceImagePipeline`, the same member steps.
+
+    Args:
+        images: ``(N, C, H, W)`` uint8 decoded images (CPU); labels: ``(N,)`` int.
+        batch: rows per member per step (B); members: m (a step has m * B rows, drop_last per member).
+        device: where the batches go (``"cpu"`` or ``"cuda"``); CUDA work is synchronised before a clock is read.
+        rounds: alternating rounds (order flipped each round) after one warm-up step per variant; medians.
+        images_per_round: images each variant processes per round (default N, at least one step).
+        padding: the crop's zero padding (4: ``RandomCrop(32, padding=4)``).
+
+    Returns:
+        ``{"device", "images", "rows_per_step", "steps_per_round", "rounds", "store_mb",
+        "cpu_loader_images_per_s", "device_loader_images_per_s", "device_augment_images_per_s",
+        "device_loader_over_cpu", "device_augment_over_cpu", "<variant>_runs", "<variant>_images_per_cpu_s"}``:
+        images per wall second (medians, and every round's), and per second of this process's CPU time (the
+        steadier figure on a shared CPU machine; on CUDA it leaves out the GPU's own time).
+    """
+    import statistics
+
+    from torchvision import transforms as T
+    from transformers import default_data_collator
+
+    from sbtrainer.data import DeviceImagePipeline
+    from sbtrainer.sampling import TAG_AUGMENT, MemberBatchSampler, MemberStreamDataset, mix_seed
+
+    device = torch.device(device)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W) uint8; got {images.dtype} {tuple(images.shape)}")
+    n, channels, height, width = images.shape
+    mean, std = (C.CIFAR_MEAN, C.CIFAR_STD) if channels == 3 else ((0.5,) * channels, (0.25,) * channels)
+    member_seeds = list(range(members))
+    rows_per_step = batch * members
+    steps = max(1, (images_per_round or n) // rows_per_step)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def key_stream():
+        sampler = MemberBatchSampler(n, batch, member_seeds, drop_last=True)
+        if len(sampler) == 0:
+            raise ValueError(f"{n} images give no full sub-batch of {batch} rows")
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from sampler
+            epoch += 1
+
+    def seeds_of(keys) -> torch.Tensor:
+        return torch.tensor([mix_seed(member_seeds[m], e, r, TAG_AUGMENT) for m, e, r in keys], dtype=torch.int64)
+
+    sync()
+    t = time.perf_counter()
+    pipe = DeviceImagePipeline(images, mean, std, padding=padding, device=device)
+    sync()
+    store_s = time.perf_counter() - t
+    train_tf = T.Compose([T.RandomCrop((height, width), padding=padding), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(mean, std)])
+    cpu_ds = MemberStreamDataset(_UInt8AugmentDataset(images, labels, train_tf), member_seeds)
+    index_ds = MemberStreamDataset(pipe.index_dataset(labels), member_seeds)
+    streams = {name: key_stream() for name in ("cpu_loader", "device_loader", "device_augment")}
+    prepared: list[tuple[torch.Tensor, torch.Tensor]] = []  # device_augment: (index on device, seeds) per step
+
+    def cpu_loader() -> None:
+        b = default_data_collator(cpu_ds.__getitems__(next(streams["cpu_loader"])))
+        b["pixel_values"].to(device), b["labels"].to(device)
+
+    def device_loader() -> None:
+        keys = next(streams["device_loader"])
+        b = {k: v.to(device) for k, v in default_data_collator(index_ds.__getitems__(keys)).items()}
+        pipe(b, seeds_of(keys))
+
+    def device_augment(step: int) -> None:
+        index, seeds = prepared[step % len(prepared)]
+        pipe({"image_index": index}, seeds)
+
+    for _ in range(steps + 1):
+        keys = next(streams["device_augment"])
+        prepared.append((torch.tensor([r for _, _, r in keys], device=device), seeds_of(keys)))
+    runs: dict[str, list[float]] = {"cpu_loader": [], "device_loader": [], "device_augment": []}
+    cpu_runs: dict[str, list[float]] = {k: [] for k in runs}
+    fns = {"cpu_loader": lambda s: cpu_loader(), "device_loader": lambda s: device_loader(),
+           "device_augment": device_augment}
+    for fn in fns.values():  # warm-up: first allocations, CUDA kernels
+        fn(steps)
+    sync()
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            for s in range(steps):
+                fns[name](s)
+            sync()
+            runs[name].append(steps * rows_per_step / (time.perf_counter() - t))
+            cpu_runs[name].append(steps * rows_per_step / max(time.process_time() - c, 1e-9))
+    res = {"device": str(device), "images": n, "rows_per_step": rows_per_step, "steps_per_round": steps,
+           "rounds": rounds, "store_mb": images.numel() / 2**20, "store_build_s": store_s}
+    for name, xs in runs.items():
+        res[f"{name}_images_per_s"] = statistics.median(xs)
+        res[f"{name}_runs"] = xs
+        res[f"{name}_images_per_cpu_s"] = statistics.median(cpu_runs[name])
+    res["device_loader_over_cpu"] = res["device_loader_images_per_s"] / res["cpu_loader_images_per_s"]
+    res["device_augment_over_cpu"] = res["device_augment_images_per_s"] / res["cpu_loader_images_per_s"]
+    return res
+
+
+def device_section(raw_ds, args) -> list[dict]:
+    """`device_vs_cpu_images_per_s` on CPU and, when available, CUDA, for the first ``--images`` decoded rows."""
+    from sbtrainer.data import DeviceImagePipeline
+
+    rows = raw_ds.select(range(min(len(raw_ds), args.images)))
+    images = DeviceImagePipeline.from_dataset(rows, "img", mean=C.CIFAR_MEAN, std=C.CIFAR_STD).images
+    labels = torch.tensor(rows["label"])
+    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    return [device_vs_cpu_images_per_s(images, labels, args.batch, args.members, d, rounds=args.repeats)
+            for d in devices]
+
+
 def step_rates(args) -> list[dict]:
     if args.step_images_per_s:
         return [{"source": "--step-images-per-s", "images_per_s": args.step_images_per_s}]
@@ -212,6 +362,13 @@ def main(argv: list[str] | None = None) -> dict:
                           "per_row_images_per_cpu_s", "batched_images_per_cpu_s", "batched_over_per_row_cpu"],
                   title=f"member loader (m={args.members}, B={args.batch}): per-row fetch vs batched raw read "
                         f"(w0: interleaved per step; wN: medians of {args.repeats} alternating rounds)")
+    device_rows = device_section(raw_ds, args)
+    C.print_table(device_rows, ["device", "cpu_loader_images_per_s", "device_loader_images_per_s",
+                                "device_augment_images_per_s", "device_loader_over_cpu", "device_augment_over_cpu",
+                                "cpu_loader_images_per_cpu_s", "device_loader_images_per_cpu_s",
+                                "device_augment_images_per_cpu_s"],
+                  title=f"CPU per-row crop/flip vs DeviceImagePipeline (m={args.members}, B={args.batch}, decoded "
+                        f"uint8 rows; medians of {args.repeats} alternating rounds)")
     rows = []
     t = time.perf_counter()
     n = min(args.images, 2048)
@@ -240,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         C.print_table(steps, ["source", "images_per_s", "loader_over_step", "load_share_w0"],
                       title="training step vs the sbtrainer loader in the main process (w0)")
     payload = {"config": vars(args), "pipelines": rows, "side_by_side": pairs, "breakdown": cost, "steps": steps,
+               "device_pipeline": device_rows,
                "targets": [{"target": "loader (w0) images/s >= step images/s", "model": s["source"],
                             "value": s["loader_over_step"], "met": s["loader_over_step"] >= 1} for s in steps]}
     C.write_result("data_pipeline", payload, args.out_dir)

@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="rounds after one warm-up round")
     p.add_argument("--score-samples", type=int, default=1024)
     p.add_argument("--score-methods", default="plain,vmap/64,vmap/256,loop,hooks/64,hooks/256")
+    p.add_argument("--transformers", default="bert:256:512:4,albert:256:512:4,vit:192:512:12",
+                   help="transformer scoring: name:width:samples:layers (benchmarks/scoring.py's specs)")
+    p.add_argument("--loop-samples", type=int, default=128, help="rows the one-sample loop scores (reference)")
+    p.add_argument("--data-images", type=int, default=8192, help="images per data-path measurement")
     p.add_argument("--budget-s", type=float, default=240, help="skip what would start after this many seconds")
     p.add_argument("--hide-datasets", action="store_true", help="simulate a machine without datasets/evaluate")
     p.add_argument("--out-dir", default=None, help="JSON folder (default $OUT, else benchmarks/results)")
@@ -70,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.width, args.batch, args.block, args.rounds, args.score_samples = 4, 8, 2, 1, 8
         args.score_methods = "plain,vmap/4,loop,hooks/4"
+        args.transformers, args.loop_samples, args.data_images = "bert:32:8:1,albert:32:8:1,vit:32:8:1", 8, 96
+        args.budget_s = float("inf")  # every section runs: the smoke test checks them all
     return args
 
 
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = "gpu_check_compile" if args.compile else "gpu_check"
     out_dir = args.out_dir or os.environ.get("OUT") or None
     payload: dict = {"config": vars(args), "device": str(device), "bf16": bf16, "channels_last": channels_last,
-                     "errors": {}, "steps": {}, "scoring": {}, "projection": {}}
+                     "errors": {}, "steps": {}, "scoring": {}, "scoring_transformers": {}, "data_path": {},
+                     "projection": {}}
 
     def sync() -> None:
         if cuda:
@@ -198,6 +205,27 @@ def main(argv: list[str] | None = None) -> dict:
         C.print_table(srows, ["method", "samples_per_s", "vs_plain", "max_rel_err_vs_loop"],
                       title=f"per-sample scoring on {device} (fp32, eval mode)")
 
+    # -- transformer scoring: ghost norms vs the one-sample loop vs a batched forward+backward ----------------
+    if not args.compile and not over_budget():
+        try:
+            payload["scoring_transformers"] = transformer_scoring(args, device, C, sync, over_budget)
+        except Exception as err:
+            payload["errors"]["scoring_transformers"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        trows = [{"model": k_, **v} for k_, v in payload["scoring_transformers"].items()]
+        C.print_table(trows, ["model", "params", "plain_samples_per_s", "ghost_samples_per_s", "loop_samples_per_s",
+                              "ghost_vs_plain", "loop_vs_plain", "ghost_max_rel_err_vs_loop"],
+                      title=f"transformer per-sample scoring on {device} (fp32, eval mode)")
+        C.write_result(name, payload, out_dir)
+
+    # -- data path: the CPU loader (decode + augment per row) vs the device-side pipeline --------------------
+    if not args.compile and not over_budget():
+        try:
+            payload["data_path"] = data_path(args, device, C)
+        except Exception as err:
+            payload["errors"]["data_path"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        print("data path images/s:", payload["data_path"])
+        C.write_result(name, payload, out_dir)
+
     # -- projection of the paper's run -----------------------------------------------------------------
     steps = payload["steps"]
     per_epoch = PAPER["rows"] // b  # the paper's 390 steps at b = 128
@@ -223,6 +251,73 @@ def main(argv: list[str] | None = None) -> dict:
         print("errors:", *payload["errors"].items(), sep="\n  ")
     C.write_result(name, payload, out_dir)
     return payload
+
+
+def transformer_scoring(args, device, common, sync, over_budget) -> dict:
+    """Samples/s of ``ghost`` scoring, the one-sample ``loop`` and a plain batched forward+backward per transformer."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import scoring as bench
+
+    out: dict = {}
+    for spec in args.transformers.split(","):
+        if over_budget():
+            break
+        name, width, model, data, _ = bench.build(spec, real=False)
+        out[f"{name}:{width}"] = _score_transformer(model.to(device).eval(), data, args, device, common, sync)
+    return out
+
+
+def _score_transformer(model, data, args, device, common, sync) -> dict:
+    import torch.nn.functional as F
+
+    from sbtrainer.member_adapter import call_member, model_inputs
+    from sbtrainer.scoring import per_sample_sharpness
+
+    n = len(data)
+
+    def plain() -> None:
+        for lo in range(0, n, 64):
+            batch = {k: v.to(device) for k, v in data.rows(lo, lo + 64).items()}
+            F.cross_entropy(call_member(model, model_inputs(batch, model)), batch["labels"]).backward()
+        model.zero_grad(set_to_none=True)
+
+    def timed(fn) -> tuple[float, object]:
+        best, res = float("inf"), None
+        for _ in range(2):  # warm-up, then timed
+            sync()
+            t = time.perf_counter()
+            res = fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return best, res
+
+    loop_rows = list(range(min(n, args.loop_samples)))
+    t_plain, _ = timed(plain)
+    t_ghost, ghost = timed(lambda: per_sample_sharpness(model, data, batch_size=64, device=device, method="ghost",
+                                                        progress=False))
+    t_loop, loop = timed(lambda: per_sample_sharpness(model, data, rows=loop_rows, batch_size=64, device=device,
+                                                      method="loop", progress=False))
+    rows = {"params": sum(p.numel() for p in model.parameters()), "samples": n, "plain_samples_per_s": n / t_plain,
+            "ghost_samples_per_s": n / t_ghost, "loop_samples_per_s": len(loop_rows) / t_loop}
+    rows["ghost_vs_plain"] = rows["plain_samples_per_s"] / rows["ghost_samples_per_s"]
+    rows["loop_vs_plain"] = rows["plain_samples_per_s"] / rows["loop_samples_per_s"]
+    rows["ghost_max_rel_err_vs_loop"] = common.max_rel_err(ghost[: len(loop_rows)], loop)
+    return rows
+
+
+def data_path(args, device, common) -> dict:
+    """Images/s of the CPU member loader (decode + crop/flip per row) and of the device pipeline, CIFAR-10 rows.
+
+    Real images from ``$SBTRAINER_CIFAR10`` (parquet, read with pyarrow: no ``datasets`` needed) or random
+    uint8 images when absent.
+    """
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import data_pipeline
+
+    images, labels, source = common.cifar_uint8(args.data_images)
+    res = data_pipeline.device_vs_cpu_images_per_s(images, labels, args.batch, args.members, device)
+    res["source"] = source
+    return res
 
 
 def score_throughput(args, factory, device, common, sync, over_budget) -> dict:

@@ -21,7 +21,8 @@ RUNS = {
     "step_cost": ["step_cost.py", "--smoke"],
     "scoring": ["scoring.py", "--smoke"],
     "memory": ["memory.py", "--smoke"],
-    "gpu_check": ["gpu_check.py", "--device", "cpu", "--tiny", "--bf16", "on", "--hide-datasets"],
+    "gpu_check": ["gpu_check.sh", "--tiny", "--bf16", "on"],  # the whole GPU campaign's script, CPU path
+    "overhead": ["overhead.py", "--smoke"],
     "data_pipeline": ["data_pipeline.py", "--smoke"],
     "members_parallel": ["members_parallel.py", "--smoke"],
 }
@@ -32,7 +33,9 @@ def results(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bench")
     # one thread each: five processes share the cores, and OpenMP spin-waits badly when oversubscribed
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OUT": "", "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, str(BENCH / argv[0]), *argv[1:], "--out-dir", str(out)],
+    env["PYTHON"] = sys.executable  # gpu_check.sh runs its scripts with $PYTHON
+    procs = {name: subprocess.Popen([sys.executable if argv[0].endswith(".py") else "bash", str(BENCH / argv[0]),
+                                     *argv[1:], "--out-dir", str(out)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for name, argv in RUNS.items()}
     done = {}
@@ -99,6 +102,35 @@ def test_gpu_check_cpu_path(results):
     proj = res["projection"]
     for k in ("deep_ensemble_h", "sam_h", "sharpbalance_h"):
         assert finite_pos(proj[k])
+
+
+def test_gpu_check_every_section(results):
+    """The sections gpu_check.sh adds beyond the step timing: transformer scoring, the data path, the real run."""
+    res = results["gpu_check"]
+    trans = res["scoring_transformers"]
+    assert set(trans) == {"bert:32", "albert:32", "vit:32"}
+    for row in trans.values():
+        for key in ("plain_samples_per_s", "ghost_samples_per_s", "loop_samples_per_s", "ghost_vs_plain"):
+            assert finite_pos(row[key])
+        assert row["ghost_max_rel_err_vs_loop"] < 1e-3
+    data = res["data_path"]
+    assert data["source"] in ("cifar10", "random")
+    numbers = [v for v in data.values() if isinstance(v, float)]
+    assert numbers and all(math.isfinite(v) and v > 0 for v in numbers)
+    real = json.loads((Path(res["config"]["out_dir"]) / "gpu_real_run.json").read_text())
+    assert real["errors"] == {}, real["errors"]
+    assert set(real["methods"]) == {"deep_ensemble", "sam", "sharpbalance"}
+    for m in real["methods"].values():
+        assert len(m["epoch_s"]) == 2 and finite_pos(m["images_per_s_steady"])
+        assert 0 <= m["test"]["eval_ensemble_accuracy"] <= 1 and finite_pos(m["test"]["eval_ensemble_nll"])
+    assert len(real["methods"]["sharpbalance"]["scoring_s"]) == 1  # scored once, at Td = 1
+
+
+def test_overhead(results):
+    res = results["overhead"]
+    assert finite_pos(res["ratio_deep_ensemble"]) and finite_pos(res["ratio_sharpbalance"])
+    assert 0 < res["sam_share_f"] < 1
+    assert len(res["deep_ensemble"]["trainer"]) == len(res["deep_ensemble"]["bare"]) == res["config"]["epochs"]
 
 
 def test_data_pipeline(results):
