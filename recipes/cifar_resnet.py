@@ -1,12 +1,23 @@
-"""CIFAR-10 / CIFAR-100 with a CIFAR-stem ResNet18: deep ensemble, SAM ensemble or SharpBalance (paper Sec. 4.4).
+"""CIFAR-10 / CIFAR-100 / TinyImageNet with a CIFAR-stem ResNet18 or a WideResNet: deep ensemble, SAM ensemble or
+SharpBalance (paper Sec. 4.4, App. F.2).
 
     python recipes/cifar_resnet.py recipes/configs/cifar10_sharpbalance.yaml
     accelerate launch recipes/cifar_resnet.py recipes/configs/cifar100_sharpbalance.yaml --cifar_c_dir data/CIFAR-100-C
     python recipes/cifar_resnet.py recipes/configs/cifar10_sam.yaml --dataset_name ../shared/data/cifar10
+    python recipes/cifar_resnet.py recipes/configs/wrn40_2_cifar100_sharpbalance.yaml          # WRN-40-2, Fig. 13
+    python recipes/cifar_resnet.py recipes/configs/tinyimagenet_sharpbalance.yaml --tinyimagenet_c_dir data/Tiny-ImageNet-C
+
+Architecture (``--arch``): a timm ResNet with the CIFAR stem (``resnet18``, widths ``--model_width``), or
+``wrn-D-K``, the CIFAR WideResNet of depth D and widen factor K (`sbtrainer.models.cifar_wide_resnet`;
+``wrn-40-2``: 2,243,546 parameters with 10 classes, the paper's Fig. 13). TinyImageNet (64x64, 200
+classes, ``zh-plus/tiny-imagenet`` with splits ``train``/``valid``, or a local folder): the same ResNet18
+with the CIFAR stem (as the authors' release), crop 64 pad 4 + flip (App. D.3), the release's TinyImageNet
+mean/std; OOD on Tiny-ImageNet-C from ``--tinyimagenet_c_dir`` (metric prefix ``tinyimagenetc``).
 
 Paper setup (App. D.3, Table 1): 3 members, 200 epochs, batch 128, SGD lr 0.1 momentum 0.9 weight decay
 5e-4 on every parameter, ×0.1 at epochs 100 and 150, crop 32 pad 4 + horizontal flip, no gradient
-clipping; SAM/SharpBalance ρ = 0.2; SharpBalance k = 0.4 (CIFAR-10) / 0.5 (CIFAR-100), Td = 100.
+clipping; SAM/SharpBalance ρ = 0.2; SharpBalance k = 0.4 (CIFAR-10) / 0.5 (CIFAR-100) / 0.3 (TinyImageNet,
+crop 64 pad 4), Td = 100. WRN-40-2 (App. F.2): the same setup; its ρ and k are not reported (the YAMLs say ours).
 Evaluation: the clean test set (``trainer.evaluate``); CIFAR-10-C / CIFAR-100-C from ``--cifar_c_dir``
 (the published ``.npy`` folder) or, with ``--corrupt_offline``, a CIFAR-C-like set that `sbtrainer.data`
 generates from ``--corrupt_samples`` test images drawn at random with ``--subset_seed``; the adaptive worst-case sharpness of every
@@ -16,6 +27,8 @@ ensemble into ``output_dir/ensemble``.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +43,7 @@ from cifar_data import (
 )
 from recipe_utils import (
     CommonArgs,
+    RecipeError,
     check_resume,
     headline,
     member_sharpness,
@@ -46,22 +60,73 @@ from recipe_utils import (
 from transformers import set_seed
 
 from sbtrainer import EnsembleModel, SharpBalanceTrainer
-from sbtrainer.models import cifar_resnet
+from sbtrainer.models import cifar_resnet, cifar_wide_resnet
+
+WRN_ARCH = re.compile(r"wrn-(\d+)-(\d+)")
+"""``--arch wrn-D-K``: a CIFAR WideResNet of depth D (6n + 4) and widen factor K."""
 
 
 @dataclass
 class CifarArgs(CommonArgs, CifarDataArgs):
-    arch: str = field(default="resnet18", metadata={"help": "timm ResNet architecture (the CIFAR stem is applied)."})
-    model_width: int = field(default=64, metadata={"help": "Stage widths (w, 2w, 4w, 8w); 64 is ResNet18."})
+    arch: str = field(default="resnet18", metadata={"help": (
+        "timm ResNet architecture (the CIFAR stem is applied), or wrn-D-K for a CIFAR WideResNet of depth D and "
+        "widen factor K (wrn-40-2: the paper's Fig. 13).")})
+    model_width: int = field(default=64, metadata={"help": "ResNet stage widths (w, 2w, 4w, 8w); 64 is ResNet18. "
+                                                           "Not used by wrn-D-K (its width is K)."})
+    wrn_dropout: float = field(default=0.0, metadata={
+        "help": "wrn-D-K only: dropout between the two convolutions of each block (0: none, the authors' release)."})
+    image_size: int | None = field(default=None, metadata={
+        "help": "Side of the model's input; images of another size are resized. Default: the dataset's own (32, 64)."})
+    crop_padding: int | None = field(default=None, metadata={
+        "help": "Random-crop padding in pixels (default image_size // 8: 4 at 32 px; paper: 4 for CIFAR and TinyImageNet)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
     lr_milestones: list[int] = field(default_factory=lambda: [100, 150], metadata={
         "help": "Epochs at which the learning rate is multiplied by lr_gamma (paper: 100 150)."})
     lr_gamma: float = field(default=0.1, metadata={"help": "Learning-rate decay factor (paper: 0.1)."})
 
 
-def build_member(args: CifarArgs, num_classes: int):
-    """A member factory ``seed -> CIFAR-stem ResNet`` (the seed is set by EnsembleModel.from_factory)."""
-    return lambda _seed: cifar_resnet(args.arch, num_classes=num_classes, width=args.model_width)
+def build_member(args: CifarArgs, num_classes: int) -> Callable[[int], Any]:
+    """A member factory ``seed -> module`` (the seed is set by EnsembleModel.from_factory).
+
+    ``--arch wrn-D-K``: `cifar_wide_resnet` (depth D, widen factor K, ``--wrn_dropout``); else a CIFAR-stem
+    timm ResNet `cifar_resnet` of ``--model_width``.
+
+    Raises:
+        RecipeError: a WideResNet with a ``--model_width`` other than 64, or a depth / widen factor / dropout
+            that `cifar_wide_resnet` refuses (its message).
+    """
+    match = WRN_ARCH.fullmatch(args.arch)
+    if match is None:
+        return lambda _seed: cifar_resnet(args.arch, num_classes=num_classes, width=args.model_width)
+    if args.model_width != 64:
+        raise RecipeError(f"--model_width {args.model_width} sets ResNet widths; --arch {args.arch} is a WideResNet "
+                          f"whose width is its widen factor (wrn-D-K): leave --model_width unset")
+    depth, widen = int(match.group(1)), int(match.group(2))
+    try:
+        cifar_wide_resnet(depth, widen, num_classes, args.wrn_dropout)  # checked once here, built per member below
+    except ValueError as err:
+        raise RecipeError(f"--arch {args.arch} / --wrn_dropout {args.wrn_dropout}: {err}") from err
+    return lambda _seed: cifar_wide_resnet(depth, widen, num_classes, args.wrn_dropout)
+
+
+def transforms_for(args: CifarArgs, data: dict[str, Any]) -> tuple[Callable, Callable, int]:
+    """(train, eval) transforms and the input side: ``--image_size`` (default: the dataset's), ``--crop_padding``.
+
+    Images are resized only when their ``(H, W)`` differs from ``(image_size, image_size)``; the mean/std
+    are those of `cifar_data.CIFAR_STATS` for the number of classes (CIFAR-10, CIFAR-100, TinyImageNet).
+
+    Raises:
+        RecipeError: ``--image_size`` below 8, or ``--crop_padding`` below 0.
+    """
+    height, width = data["image_shape"]
+    size = args.image_size if args.image_size is not None else max(height, width)
+    if size < 8:
+        raise RecipeError(f"--image_size must be >= 8; got {size}")
+    if args.crop_padding is not None and args.crop_padding < 0:
+        raise RecipeError(f"--crop_padding must be >= 0; got {args.crop_padding}")
+    train_tf, eval_tf = cifar_transforms(data["num_classes"], size, padding=args.crop_padding,
+                                         resize=(height, width) != (size, size))
+    return train_tf, eval_tf, size
 
 
 def main() -> dict[str, Any]:
@@ -72,8 +137,11 @@ def main() -> dict[str, Any]:
     set_seed(config.seed)
 
     data = load_cifar(args, args.max_train_samples, args.max_eval_samples, seed=args.subset_seed)
-    train_tf, eval_tf = cifar_transforms(data["num_classes"])
+    train_tf, eval_tf, image_size = transforms_for(args, data)
     train, score, test = views(data, train_tf, eval_tf)
+    # the corrupted sets before training: a missing published folder fails now, not after training
+    prefix = ood_prefix(data["num_classes"])
+    sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
 
     ensemble = EnsembleModel.from_factory(build_member(args, data["num_classes"]), config.num_members,
                                           config.member_seeds, reduction=config.ensemble_reduction)
@@ -82,6 +150,9 @@ def main() -> dict[str, Any]:
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train, eval_dataset=test,
                                   score_dataset=score, optimizers=optimizers)
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
+                               "eval_split": data["eval_split"], "arch": args.arch, "image_size": image_size,
+                               "num_classes": data["num_classes"],
+                               "member_parameters": sum(p.numel() for p in ensemble.members[0].parameters()),
                                "num_train_rows": len(train), "num_test_rows": len(test), **facts, **data["subsets"]}
     with phase(f"training {config.num_members} members ({config.ensemble_method})"):
         results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
@@ -89,8 +160,6 @@ def main() -> dict[str, Any]:
 
     with phase("evaluating on the test set"):
         results.update(trainer.evaluate())
-    prefix = ood_prefix(data["num_classes"])
-    sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
     results.update(corrupt_facts)
     if sets is not None:
         results.update(evaluate_corrupted(trainer, eval_tf, data, sets, prefix))

@@ -15,7 +15,8 @@ compares the module with one rebuilt from the recipe (submodule classes and thei
 tensor names and shapes, which names share one tensor), so a change no recipe can express is
 reported instead of being saved as a folder that does not load.
 
-Builders: :func:`cifar_resnet` (CIFAR ResNets), :func:`timm_model` (any timm architecture, e.g.
+Builders: :func:`cifar_resnet` (CIFAR ResNets), :func:`cifar_wide_resnet` (CIFAR WideResNets such as
+WRN-40-2, the paper's Fig. 13), :func:`timm_model` (any timm architecture, e.g.
 ``vit_tiny_patch16_224``), :func:`small_cnn` (the quickstart's CNN for small grayscale or colour
 images). Register your own with :func:`register_builder`.
 """
@@ -333,6 +334,105 @@ def small_cnn(in_chans: int = 1, num_classes: int = 10, width: int = 16, image_s
     )
     recipe = {"in_chans": in_chans, "num_classes": num_classes, "width": width, "image_size": image_size}
     return record_build(model, "small_cnn", recipe)
+
+
+class WideBasicBlock(nn.Module):
+    """The pre-activation basic block of a WideResNet (Zagoruyko & Komodakis, 2016, Fig. 1c with dropout, "B(3,3)").
+
+    ``out = conv2(drop(relu(bn2(conv1(relu(bn1(x))))))) + shortcut``, where both convolutions are 3x3
+    (``conv1`` with ``stride``) and the shortcut is ``x`` itself when the shape is kept, else a 1x1
+    convolution (with ``stride``) of the pre-activated ``relu(bn1(x))``. Input ``(B, in_channels, H, W)``,
+    output ``(B, out_channels, H / stride, W / stride)``. Convolutions have no bias (BatchNorm follows).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+                         if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu1(self.bn1(x))
+        out = self.conv2(self.drop(self.relu2(self.bn2(self.conv1(pre)))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class CifarWideResNet(nn.Module):
+    """WRN-``depth``-``widen_factor`` for 32x32 inputs (Zagoruyko & Komodakis, 2016, Table 1).
+
+    A 3x3 stem of 16 channels, three groups of ``(depth - 4) / 6`` :class:`WideBasicBlock` s with
+    ``16k, 32k, 64k`` channels (``k = widen_factor``; the first block of groups 2 and 3 has stride 2),
+    then BatchNorm-ReLU, global average pooling and a linear head (``fc``). Input ``(B, in_chans, H, W)``
+    (32x32: the last map is 8x8), logits ``(B, num_classes)``. Built by :func:`cifar_wide_resnet`.
+    """
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0,
+                 in_chans: int = 3) -> None:
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.stem = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
+        groups = []
+        for g in range(3):
+            blocks = [WideBasicBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1],
+                                     stride=(1 if g == 0 or b > 0 else 2), dropout=dropout) for b in range(n)]
+            groups.append(nn.Sequential(*blocks))
+        self.group1, self.group2, self.group3 = groups
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():  # the WRN authors' init: He normal (fan_out) convs, zero linear bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.group3(self.group2(self.group1(self.stem(x))))
+        return self.fc(self.flatten(self.pool(self.relu(self.bn(x)))))
+
+
+def _refresh_wide_resnet(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``num_classes`` read from the linear head ``fc`` (e.g. after it was replaced)."""
+    head = getattr(model, "fc", None)
+    if isinstance(head, nn.Linear):
+        kwargs["num_classes"] = head.out_features
+    return kwargs
+
+
+@register_builder("cifar_wide_resnet", refresh=_refresh_wide_resnet)
+def cifar_wide_resnet(depth: int = 40, widen_factor: int = 2, num_classes: int = 10, dropout: float = 0.0,
+                      in_chans: int = 3) -> nn.Module:
+    """A CIFAR WideResNet WRN-``depth``-``widen_factor`` (random init), carrying its build recipe.
+
+    The standard definition (Zagoruyko & Komodakis, 2016; see :class:`CifarWideResNet`). The default is
+    WRN-40-2, the WideResNet of the SharpBalance paper's Fig. 13: 6 blocks per group, widths 32, 64, 128,
+    2,243,546 parameters with 10 classes and 2,255,156 with 100. ``dropout`` is applied between the two
+    convolutions of every block (0: none, as in the paper's runs and the authors' release).
+
+    Raises:
+        ValueError: ``depth`` not of the form ``6n + 4`` with ``n >= 1``, ``widen_factor < 1``,
+            ``num_classes < 1``, ``in_chans < 1`` or ``dropout`` outside ``[0, 1)``.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"cifar_wide_resnet: depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {depth!r}")
+    for name, value in (("widen_factor", widen_factor), ("num_classes", num_classes), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"cifar_wide_resnet: {name} must be an integer >= 1; got {value!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"cifar_wide_resnet: dropout must be in [0, 1); got {dropout!r}")
+    model = CifarWideResNet(depth, widen_factor, num_classes, float(dropout), in_chans)
+    recipe = {"depth": depth, "widen_factor": widen_factor, "num_classes": num_classes, "dropout": float(dropout),
+              "in_chans": in_chans}
+    return record_build(model, "cifar_wide_resnet", recipe)
 
 
 def is_timm_model(model: nn.Module) -> bool:

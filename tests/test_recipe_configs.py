@@ -1,8 +1,13 @@
-"""The recipe YAMLs hold the paper's hyper-parameters (Table 1, App. D.2-D.3) and parse with their recipe's parser."""
+"""The recipe YAMLs hold the paper's hyper-parameters (Table 1, App. D.2-D.3, F.2) and parse with their recipe's parser.
+
+Where the paper is silent, a YAML value is our choice and its line says so: an inline comment starting
+``ours:`` (checked here for the WRN-40-2 and TinyImageNet configs, key by key).
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,10 +28,33 @@ from vit_cifar100 import VitArgs  # noqa: E402
 from sbtrainer import EnsembleModel, SharpBalanceTrainer  # noqa: E402
 
 RECIPE_ARGS = {"cifar10_": CifarArgs, "cifar100_": CifarArgs, "tradeoff_": TradeoffArgs, "vit_": VitArgs,
-               "albert_": MrpcArgs}
+               "albert_": MrpcArgs, "wrn40_2_": CifarArgs, "tinyimagenet_": CifarArgs}
 ALL = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 CIFAR = [n for n in ALL if n.startswith(("cifar10_", "cifar100_", "tradeoff_"))]
 METHODS = ("deep_ensemble", "sam", "sharpbalance")
+WRN = [f"wrn40_2_{ds}_{m}.yaml" for ds in ("cifar10", "cifar100") for m in METHODS]
+TINY = [f"tinyimagenet_{m}.yaml" for m in METHODS]
+
+# The paper's values the WRN-40-2 and TinyImageNet configs rely on.
+D3_SGD = {"num_train_epochs": 200, "per_device_train_batch_size": 128, "learning_rate": 0.1, "momentum": 0.9,
+          "weight_decay": 5e-4, "lr_milestones": [100, 150], "lr_gamma": 0.1}
+"""App. D.3, both paragraphs (CIFAR-10/100 and TinyImageNet); App. F.2: WRN's "setup [is] the same as in D.3"."""
+TABLE1 = {  # (dataset, method) -> rho, k, Td of Table 1 (ResNet18); "-" entries are absent
+    ("cifar10", "sam"): {"rho": 0.2}, ("cifar10", "sharpbalance"): {"rho": 0.2, "sam_fraction": 0.4, "td": 100},
+    ("cifar100", "sam"): {"rho": 0.2}, ("cifar100", "sharpbalance"): {"rho": 0.2, "sam_fraction": 0.5, "td": 100},
+    ("tinyimagenet", "sam"): {"rho": 0.2}, ("tinyimagenet", "sharpbalance"): {"rho": 0.2, "sam_fraction": 0.3, "td": 100},
+}
+OURS = {  # the keys each config labels "# ours: ..." (the paper is silent on them)
+    "wrn40_2_": {"rho", "sam_fraction", "wrn_dropout"},  # App. F.2 does not report WRN's chosen rho / k, nor dropout
+    "tinyimagenet_": set(),  # every TinyImageNet value in the YAML is the paper's (App. D.3, Table 1)
+}
+_INLINE = re.compile(r"^(\w+):[^#]*#\s*(.*)$")
+
+
+def _inline_comments(name: str) -> dict[str, str]:
+    """``{key: comment}`` of the top-level ``key: value  # comment`` lines of a config."""
+    found = (_INLINE.match(line) for line in (CONFIGS / name).read_text().splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 def _parse(name: str, tmp_path: Path | None = None):
@@ -42,7 +70,8 @@ def _method(name: str) -> str:
 
 
 def test_every_recipe_and_method_has_a_config():
-    expected = {f"{task}_{m}.yaml" for task in ("cifar10", "cifar100", "vit_cifar100", "albert_mrpc") for m in METHODS}
+    tasks = ("cifar10", "cifar100", "vit_cifar100", "albert_mrpc", "wrn40_2_cifar10", "wrn40_2_cifar100", "tinyimagenet")
+    expected = {f"{task}_{m}.yaml" for task in tasks for m in METHODS}
     assert expected | {"tradeoff_cifar10.yaml"} == set(ALL)
 
 
@@ -130,3 +159,59 @@ def test_cifar_yaml_optimizer_is_the_papers(tmp_path):
     steps_per_epoch = math.ceil(50_000 / 128)
     assert dict(sched.milestones) == {100 * steps_per_epoch: 1, 150 * steps_per_epoch: 1}
     assert sched.gamma == 0.1
+
+
+@pytest.mark.parametrize("name", WRN + TINY)
+def test_wrn_and_tinyimagenet_configs_are_the_papers(name):
+    """WRN-40-2 (App. F.2, Fig. 13) and TinyImageNet (App. D.3, Table 1): the paper's values; ours labelled."""
+    args, config = _parse(name)
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    method, tiny = _method(name), name.startswith("tinyimagenet_")
+    dataset = "tinyimagenet" if tiny else name.split("_")[2]
+    got = {"num_train_epochs": config.num_train_epochs, "per_device_train_batch_size": config.per_device_train_batch_size,
+           "learning_rate": config.learning_rate, "momentum": args.momentum, "weight_decay": config.weight_decay,
+           "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma}
+    assert got == D3_SGD
+    assert config.remove_unused_columns is False and config.ensemble_method == method
+    table = TABLE1.get((dataset, method), {})
+    assert ("rho" in raw) == ("rho" in table) and ("sam_fraction" in raw) == ("sam_fraction" in table)
+    if "rho" in table:
+        assert config.rho == table["rho"]  # Table 1; for WRN our choice: the same dataset's ResNet18 value
+    if method == "sharpbalance":
+        assert config.sam_fraction == table["sam_fraction"]  # k: Table 1 (TinyImageNet 0.3); ours for WRN, as rho
+        assert config.scoring_start_epoch == table["td"] == 100  # Td: Table 1 wins over App. D.3's "10" (CIFAR-10)
+        assert (config.selection, config.residual) == ("highest", "none")  # the paper text
+    if tiny:  # App. D.1/D.3: 64x64, 200 classes, crop pad 4 + flip; ResNet18 with the release's CIFAR stem
+        assert (args.dataset_name, args.label_column) == ("zh-plus/tiny-imagenet", "label")
+        assert (args.image_size, args.crop_padding) == (64, 4)
+        assert (args.arch, args.model_width) == ("resnet18", 64)
+        assert args.tinyimagenet_c_dir is None and args.cifar_c_dir is None and args.corrupt_offline is True
+    else:
+        cifar100 = dataset == "cifar100"
+        assert args.dataset_name == ("uoft-cs/cifar100" if cifar100 else "uoft-cs/cifar10")
+        assert args.label_column == ("fine_label" if cifar100 else "label")
+        assert (args.arch, args.wrn_dropout) == ("wrn-40-2", 0.0)
+        assert args.image_size is None and args.crop_padding is None  # 32 px, pad 32 // 8 = 4 (App. D.3)
+    ours = next(keys for prefix, keys in OURS.items() if name.startswith(prefix)) & set(raw)
+    labelled = {k for k, c in _inline_comments(name).items() if c.startswith("ours:")}
+    assert labelled == ours, f"{name}: labelled ours {sorted(labelled)}, expected {sorted(ours)}"
+
+
+def test_tinyimagenet_normalisation_and_crop():
+    """The recipe's TinyImageNet transforms: the release's mean/std, crop 64 pad 4 (App. D.3), no resize at 64 px."""
+    import numpy as np
+    import torchvision.transforms as T
+    from cifar_data import CIFAR_STATS, cifar_transforms
+    from PIL import Image
+
+    assert CIFAR_STATS[200] == ((0.480, 0.448, 0.397), (0.276, 0.269, 0.282))  # ours: the authors' release's values
+    train_tf, eval_tf = cifar_transforms(200, 64, padding=4, resize=False)
+    crop = next(t for t in train_tf.transforms if isinstance(t, T.RandomCrop))
+    assert (crop.size, crop.padding) == ((64, 64), 4)
+    assert not any(isinstance(t, T.Resize) for t in train_tf.transforms + eval_tf.transforms)
+    image = Image.fromarray(np.full((64, 64, 3), (51, 102, 204), dtype=np.uint8))
+    x = eval_tf(image)
+    assert x.shape == (3, 64, 64)
+    mean, std = CIFAR_STATS[200]
+    expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip((51, 102, 204), mean, std)])
+    torch.testing.assert_close(x[:, 5, 7], expected, rtol=1e-6, atol=1e-6)
