@@ -79,6 +79,14 @@ class CifarArgs(CommonArgs, CifarDataArgs):
         "help": "Side of the model's input; images of another size are resized. Default: the dataset's own (32, 64)."})
     crop_padding: int | None = field(default=None, metadata={
         "help": "Random-crop padding in pixels (default image_size // 8: 4 at 32 px; paper: 4 for CIFAR and TinyImageNet)."})
+    device_augment: str = field(default="auto", metadata={"help": (
+        "auto | on | off. on: the training images are decoded once into a uint8 tensor on the training device and "
+        "cropped + flipped there in batch (sbtrainer.data.DeviceImagePipeline; each row's draws from its (member "
+        "seed, epoch, row) seed, so resume and m-vs-1 equality stay exact); off: the CPU transform per row. "
+        "auto: on when a GPU is used and no resize is needed.")})
+    mixed_precision: str = field(default="auto", metadata={"help": (
+        "auto | bf16 | no. auto: bf16 autocast and channels_last members on a GPU that supports bf16 (what GPU users "
+        "expect for CNNs), fp32 otherwise; --bf16/--fp16 given explicitly win.")})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
     lr_milestones: list[int] = field(default_factory=lambda: [100, 150], metadata={
         "help": "Epochs at which the learning rate is multiplied by lr_gamma (paper: 100 150)."})
@@ -129,6 +137,43 @@ def transforms_for(args: CifarArgs, data: dict[str, Any]) -> tuple[Callable, Cal
     return train_tf, eval_tf, size
 
 
+def gpu_defaults(args: CifarArgs, config: Any, resize: bool) -> dict[str, Any]:
+    """Apply ``--mixed_precision`` and decide ``--device_augment``; returns the facts to report.
+
+    Raises:
+        RecipeError: an unknown value, or ``--device_augment on`` where the images need a resize.
+    """
+    import torch
+
+    for name, value in (("device_augment", args.device_augment), ("mixed_precision", args.mixed_precision)):
+        allowed = ("auto", "on", "off") if name == "device_augment" else ("auto", "bf16", "no")
+        if value not in allowed:
+            raise RecipeError(f"--{name} must be one of {allowed}; got {value!r}")
+    gpu = config.device.type == "cuda"
+    if args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and gpu and torch.cuda.is_bf16_supported()
+                                          and not config.fp16):
+        config.bf16 = True
+    if args.device_augment == "on" and resize:
+        raise RecipeError("--device_augment on crops the stored images at their own size; --image_size asks for a "
+                          "resize: drop --image_size or use --device_augment off")
+    device_augment = args.device_augment == "on" or (args.device_augment == "auto" and gpu and not resize)
+    return {"device_augment": device_augment, "bf16": bool(config.bf16), "channels_last": bool(config.bf16 and gpu)}
+
+
+def device_views(data: dict[str, Any], config: Any, padding: int, channels_last: bool) -> tuple[Any, Any]:
+    """(train, score) index datasets and the `DeviceImagePipeline` that serves them from ``config.device``."""
+    from cifar_data import CIFAR_STATS
+
+    from sbtrainer.data import DeviceImagePipeline
+
+    mean, std = CIFAR_STATS.get(data["num_classes"], CIFAR_STATS[10])
+    with phase(f"decoding {len(data['train'])} training images onto {config.device}"):
+        pipe = DeviceImagePipeline.from_dataset(data["train"], data["image_col"], mean=mean, std=std, padding=padding,
+                                                channels_last=channels_last, device=config.device)
+    rows = pipe.index_dataset(data["train"][data["label_col"]])
+    return rows, pipe
+
+
 def main() -> dict[str, Any]:
     args, config = parse_args(CifarArgs)
     config.remove_unused_columns = False  # the transforms read the raw image column
@@ -139,6 +184,13 @@ def main() -> dict[str, Any]:
     data = load_cifar(args, args.max_train_samples, args.max_eval_samples, seed=args.subset_seed)
     train_tf, eval_tf, image_size = transforms_for(args, data)
     train, score, test = views(data, train_tf, eval_tf)
+    height, width = data["image_shape"]
+    gpu_facts = gpu_defaults(args, config, resize=(height, width) != (image_size, image_size))
+    train_rows, score_rows, pipe = train, score, None
+    if gpu_facts["device_augment"]:
+        padding = args.crop_padding if args.crop_padding is not None else image_size // 8
+        train_rows, pipe = device_views(data, config, padding, gpu_facts["channels_last"])
+        score_rows = train_rows  # the pipeline's clean view (no crop, no flip) for per-sample scoring
     # the corrupted sets before training: a missing published folder fails now, not after training
     prefix = ood_prefix(data["num_classes"])
     sets, corrupt_facts = corrupted_sets(args, data, args.subset_seed, progress=not config.disable_tqdm)
@@ -147,13 +199,18 @@ def main() -> dict[str, Any]:
                                           config.member_seeds, reduction=config.ensemble_reduction)
     check_resume(ensemble, config)
     optimizers = paper_sgd(ensemble, config, len(train), args.momentum, args.lr_milestones, args.lr_gamma)
-    trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train, eval_dataset=test,
-                                  score_dataset=score, optimizers=optimizers)
+    if gpu_facts["channels_last"]:
+        import torch
+
+        ensemble.to(memory_format=torch.channels_last)
+    trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=train_rows, eval_dataset=test,
+                                  score_dataset=score_rows, optimizers=optimizers, device_transform=pipe)
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
                                "eval_split": data["eval_split"], "arch": args.arch, "image_size": image_size,
                                "num_classes": data["num_classes"],
                                "member_parameters": sum(p.numel() for p in ensemble.members[0].parameters()),
-                               "num_train_rows": len(train), "num_test_rows": len(test), **facts, **data["subsets"]}
+                               "num_train_rows": len(train), "num_test_rows": len(test), **gpu_facts, **facts,
+                               **data["subsets"]}
     with phase(f"training {config.num_members} members ({config.ensemble_method})"):
         results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     results.update(scoring_summary(trainer))

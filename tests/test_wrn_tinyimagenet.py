@@ -247,14 +247,17 @@ def test_tinyimagenet_c_labels_follow_the_training_label_names(tmp_path):
 
 
 def test_wrn_yaml_runs_tiny(tmp_path, cifar10_dir):
-    """The WRN-40-2 SharpBalance YAML with a WRN-10-1 (--arch override): rho, k, Td from the YAML; saved and reloaded."""
+    """The WRN-40-2 SharpBalance YAML with a WRN-10-1 (--arch override) and the device-side image pipeline: rho, k,
+    Td from the YAML; saved and reloaded; reported accuracies recomputed from the saved ensemble."""
     from cifar_data import cifar_transforms
 
     out = tmp_path / "out"
     run_recipe("cifar_resnet.py", ["recipes/configs/wrn40_2_cifar10_sharpbalance.yaml", "--dataset_name", cifar10_dir,
-                                   "--output_dir", str(out), "--arch", "wrn-10-1", "--lr_milestones", "1", *TINY, *OOD])
+                                   "--output_dir", str(out), "--arch", "wrn-10-1", "--lr_milestones", "1",
+                                   "--device_augment", "on", *TINY, *OOD])
     results = _results(out)
     assert results["method"] == "sharpbalance" and results["arch"] == "wrn-10-1"
+    assert results["device_augment"] is True and results["bf16"] is False  # the device pipeline, here on the CPU
     assert results["member_parameters"] == wrn_parameters(10, 1, 10) == 77_850
     assert (results["eval_split"], results["image_size"], results["num_classes"]) == ("test", 32, 10)
     assert results["scoring_epochs"] == [1] and results["corrupt_rows"] == 12 and "corrupt_source" not in results
@@ -306,3 +309,22 @@ def test_tinyimagenet_yaml_runs_tiny_with_tinyimagenet_c(tmp_path, tiny_dir):
         assert results[f"tinyimagenetc_severity_{severity}_ensemble_accuracy"] == pytest.approx(per_set[severity],
                                                                                                 abs=1e-12)
     assert results["tinyimagenetc_all_ensemble_accuracy"] == pytest.approx(np.mean(list(per_set.values())), abs=1e-12)
+
+
+def test_gpu_defaults_decide_and_refuse(tmp_path):
+    """--device_augment / --mixed_precision: auto is off/fp32 on a CPU; 'on' with a resize and unknown values refused."""
+    from cifar_resnet import CifarArgs, gpu_defaults
+    from recipe_utils import RecipeError
+
+    from sbtrainer import SharpBalanceConfig
+
+    config = SharpBalanceConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert gpu_defaults(CifarArgs(), config, resize=False) == {"device_augment": False, "bf16": False,
+                                                               "channels_last": False}
+    assert gpu_defaults(CifarArgs(device_augment="on"), config, resize=False)["device_augment"] is True
+    with pytest.raises(RecipeError, match="--device_augment on crops the stored images"):
+        gpu_defaults(CifarArgs(device_augment="on"), config, resize=True)
+    with pytest.raises(RecipeError, match=r"--device_augment must be one of \('auto', 'on', 'off'\); got 'yes'"):
+        gpu_defaults(CifarArgs(device_augment="yes"), config, resize=False)
+    with pytest.raises(RecipeError, match="--mixed_precision must be one of"):
+        gpu_defaults(CifarArgs(mixed_precision="fp8"), config, resize=False)
