@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import numpy as np
 import torchvision.transforms as T
 from recipe_utils import RecipeError, log_subset, phase, random_subset
 
@@ -73,6 +74,10 @@ class CifarDataArgs:
     corruptions: list[str] = field(default_factory=list, metadata={
         "help": "Corruptions to evaluate (default: the 15 of CIFAR-10-C / Tiny-ImageNet-C)."})
     severities: list[int] = field(default_factory=lambda: list(SEVERITIES), metadata={"help": "Severities (1..5)."})
+    validation_fraction: float = field(default=0.0, metadata={"help": (
+        "In [0, 1): hold out this fraction of the (subset) training rows, drawn with --subset_seed, as the evaluation "
+        "split 'heldout' instead of the test split: the paper's hyper-parameter selection on 10% of the training "
+        "data (App. D.3). 0 evaluates on the test split.")})
 
 
 def _load(args: CifarDataArgs) -> Any:
@@ -147,6 +152,18 @@ def load_cifar(args: CifarDataArgs, max_train: int | None = None, max_eval: int 
                           f"{eval_split} split {n_test}; both need at least one")
     width, height = train[0][image_col].size
     train = random_subset(train, max_train, seed, "--max_train_samples")
+    fraction = getattr(args, "validation_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise RecipeError(f"--validation_fraction must be in [0, 1); got {fraction}")
+    if fraction > 0:
+        n_heldout = round(fraction * len(train))
+        if not 0 < n_heldout < len(train):
+            raise RecipeError(f"--validation_fraction {fraction} of {len(train)} training rows holds out {n_heldout}; "
+                              "it must leave at least one row on each side")
+        perm = np.random.default_rng([seed, 0xD3]).permutation(len(train))
+        test = train.select(np.sort(perm[:n_heldout]).tolist())
+        train = train.select(np.sort(perm[n_heldout:]).tolist())
+        eval_split, n_test = "heldout", len(test)
     test = random_subset(test, max_eval, seed, "--max_eval_samples")
     subsets = {**log_subset("train", train, label_col, n_train), **log_subset("test", test, label_col, n_test)}
     return {"train": train, "test": test, "eval_split": eval_split, "image_col": image_col, "label_col": label_col,

@@ -215,8 +215,9 @@ def main() -> dict[str, Any]:
         results.update(trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     results.update(scoring_summary(trainer))
 
-    with phase("evaluating on the test set"):
+    with phase(f"evaluating on the {data['eval_split']} split and on the training rows (no augmentation)"):
         results.update(trainer.evaluate())
+        results.update(trainer.evaluate(score, metric_key_prefix="train"))  # does the ensemble fit its data?
     results.update(corrupt_facts)
     if sets is not None:
         results.update(evaluate_corrupted(trainer, eval_tf, data, sets, prefix))

@@ -1,0 +1,57 @@
+"""Smoke test of the CIFAR-10 CPU-scale study driver (recipes/studies/cifar10_cpu.py): one tiny run, resumability."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SBTRAINER_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("cifar10_cpu", ROOT / "recipes" / "studies" / "cifar10_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_names_and_recipe_arguments(tmp_path):
+    study = _driver()
+    assert study.run_name("deep_ensemble", 0.05, 0.4, 1) == "deep_ensemble_seed1"
+    assert study.run_name("sam", 0.05, 0.4) == "sam_rho0.05"
+    assert study.run_name("sharpbalance", 0.1, 0.4, 0) == "sharpbalance_rho0.1_k0.4_seed0"
+    args = study.parse_args(["--rows", "5000", "--epochs", "30", "--width", "8"])
+    argv = study.recipe_argv(args, "sharpbalance", 0.1, 0.4, 3, tmp_path, heldout=False)
+    opt = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+    assert argv[0].endswith("cifar10_sharpbalance.yaml")
+    assert (opt["--max_train_samples"], opt["--model_width"], opt["--num_train_epochs"]) == ("5000", "8", "30")
+    assert (opt["--rho"], opt["--sam_fraction"], opt["--scoring_start_epoch"]) == ("0.1", "0.4", "15")  # Td = E/2
+    assert argv[argv.index("--lr_milestones") + 1: argv.index("--lr_milestones") + 3] == ["15", "22"]
+    assert argv[argv.index("--member_seeds") + 1: argv.index("--member_seeds") + 4] == ["3", "4", "5"]
+    held = study.recipe_argv(args, "sam", 0.1, 0.4, 3, tmp_path, heldout=True)
+    assert "--validation_fraction" in held and "--sam_fraction" not in held
+
+
+@pytest.mark.skipif(not (DATA / "plain_text").is_dir(), reason=f"the real CIFAR-10 copy is absent ({DATA})")
+def test_tiny_run_writes_its_json_and_a_rerun_skips_it(tmp_path):
+    study = _driver()
+    argv = ["--tiny", "--methods", "sharpbalance", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    payload = study.main(argv)
+    path = tmp_path / "out" / "main" / "sharpbalance_rho0.05_k0.4_seed0.json"
+    record = json.loads(path.read_text())
+    res = record["results"]
+    assert record["cpu_s"] > 0 and record["wall_s"] > 0 and res["scoring_epochs"] == [1]
+    for key in ("eval_ensemble_accuracy", "train_ensemble_accuracy", "cifar10c_all_der", "sharpness"):
+        assert key in res
+    assert res["num_train_rows"] == 48
+    row = payload["summary"]["sharpbalance_rho0.05_k0.4"]
+    assert row["eval_ensemble_accuracy"]["mean"] == res["eval_ensemble_accuracy"]
+    assert row["eval_ensemble_accuracy"]["half_range"] == 0 and row["seeds"] == [0]
+    # a rerun finds the JSON and skips the run: the record is not rewritten
+    mtime = path.stat().st_mtime_ns
+    again = study.main(argv)
+    assert path.stat().st_mtime_ns == mtime and again["summary"] == payload["summary"]
+    assert (tmp_path / "out" / "main" / "summary.md").read_text().startswith("| run | seeds |")
