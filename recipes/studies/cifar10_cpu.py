@@ -23,16 +23,15 @@ over ``--ks`` with the best ρ; the main phase takes ``--rho``/``--k`` (pass the
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runs
+from _runs import ROOT, run_recorded
+
 DATA = Path(os.environ.get("SBTRAINER_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 METHODS = ("deep_ensemble", "sam", "sharpbalance")
 KEYS = ("eval_ensemble_accuracy", "eval_member_accuracy", "eval_eir", "eval_der", "eval_variance", "eval_kl",
@@ -103,70 +102,24 @@ def recipe_argv(args: argparse.Namespace, method: str, rho: float, k: float, see
     return argv
 
 
-def run_one(args: argparse.Namespace, phase: str, method: str, rho: float, k: float, seed: int) -> dict | None:
+def run_one(args: argparse.Namespace, phase: str, method: str, rho: float, k: float, seed: int) -> dict:
     """Run one (method, rho, k, seed) unless its JSON exists; returns its record."""
-    path = Path(args.out) / phase / f"{run_name(method, rho, k, seed)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    out_dir = Path(args.work) / phase / run_name(method, rho, k, seed)
-    cmd = [sys.executable, str(ROOT / "recipes" / "cifar_resnet.py"),
-           *recipe_argv(args, method, rho, k, seed, out_dir, heldout=phase == "select")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run_name(method, rho, k, seed)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = json.loads((out_dir / "results.json").read_text())
-    record = {"phase": phase, "method": method, "rho": rho if method != "deep_ensemble" else None,
-              "k": k if method == "sharpbalance" else None, "seed": seed, "wall_s": wall,
-              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-              "setting": {"rows": args.rows, "width": args.width, "epochs": args.epochs, "batch": args.batch,
-                          "td": max(1, args.epochs // 2), "eval_rows": args.eval_rows,
-                          "corrupt_rows": args.corrupt_rows, "subset_seed": args.subset_seed},
-              "results": results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
-
-
-def summarize(records: list[dict]) -> dict:
-    """Per (method, rho, k): mean and half-range over seeds of every headline key, seeds, total CPU hours."""
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(run_name(r["method"], r["rho"] or 0, r["k"] or 0), []).append(r)
-    out = {}
-    for name, runs in sorted(groups.items()):
-        row = {"seeds": [r["seed"] for r in runs], "cpu_hours": sum(r["cpu_s"] for r in runs) / 3600}
-        for key in KEYS:
-            vals = [r["results"][key] for r in runs if isinstance(r["results"].get(key), (int, float))]
-            if vals:
-                row[key] = {"mean": statistics.fmean(vals), "half_range": (max(vals) - min(vals)) / 2, "n": len(vals)}
-        out[name] = row
-    return out
-
-
-def markdown(summary: dict) -> str:
-    cols = [k for k in KEYS if any(k in row for row in summary.values())]
-    lines = ["| run | seeds | " + " | ".join(c.replace("eval_", "").replace("_all", "") for c in cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]
-    for name, row in summary.items():
-        cells = [f"{row[c]['mean']:.4f} ± {row[c]['half_range']:.4f}" if c in row else "" for c in cols]
-        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    name = run_name(method, rho, k, seed)
+    out_dir = Path(args.work) / phase / name
+    meta = {"phase": phase, "method": method, "rho": rho if method != "deep_ensemble" else None,
+            "k": k if method == "sharpbalance" else None, "seed": seed,
+            "setting": {"rows": args.rows, "width": args.width, "epochs": args.epochs, "batch": args.batch,
+                        "td": max(1, args.epochs // 2), "eval_rows": args.eval_rows,
+                        "corrupt_rows": args.corrupt_rows, "subset_seed": args.subset_seed}}
+    return run_recorded("cifar_resnet.py", recipe_argv(args, method, rho, k, seed, out_dir, heldout=phase == "select"),
+                        out_dir, Path(args.out) / phase / f"{name}.json", meta)
 
 
 def write_summary(args: argparse.Namespace, phase: str, records: list[dict]) -> dict:
-    summary = summarize(records)
-    folder = Path(args.out) / phase
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"phase": phase, "runs": len(records), "cpu_hours": sum(r["cpu_s"] for r in records) / 3600,
-               "wall_hours": sum(r["wall_s"] for r in records) / 3600, "summary": summary}
-    (folder / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (folder / "summary.md").write_text(markdown(summary))
-    return payload
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(run_name(r["method"], r["rho"] or 0, r["k"] or 0), []).append(r)
+    return _runs.write_summary(Path(args.out) / phase, phase, groups, KEYS)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rho in rhos:
             if due():
                 records.append(run_one(args, "select", "sam", rho, args.k, seeds[0]))
-        done = [r for r in records if r and r["method"] == "sam"]
+        done = [r for r in records if r["method"] == "sam"]
         if len(done) == len(rhos):
             best = max(done, key=lambda r: r["results"]["eval_ensemble_accuracy"])["rho"]
             for k in (float(x) for x in args.ks.split(",")):
@@ -198,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method, rho, k, seed in plan:
         if due():
             records.append(run_one(args, args.phase, method, rho, k, seed))
-            write_summary(args, args.phase, [r for r in records if r])
-    payload = write_summary(args, args.phase, [r for r in records if r])
+            write_summary(args, args.phase, records)
+    payload = write_summary(args, args.phase, records)
     print(Path(args.out, args.phase, "summary.md").read_text())
     return payload
 

