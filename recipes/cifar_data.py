@@ -76,7 +76,7 @@ class CifarDataArgs:
     severities: list[int] = field(default_factory=lambda: list(SEVERITIES), metadata={"help": "Severities (1..5)."})
     validation_fraction: float = field(default=0.0, metadata={"help": (
         "In [0, 1): hold out this fraction of the (subset) training rows, drawn with --subset_seed, as the evaluation "
-        "split 'heldout' instead of the test split: the paper's hyper-parameter selection on 10% of the training "
+        "split 'heldout' instead of the test split: the paper's hyper-parameter selection on 10%% of the training "
         "data (App. D.3). 0 evaluates on the test split.")})
 
 

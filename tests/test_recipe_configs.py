@@ -72,7 +72,8 @@ def _method(name: str) -> str:
 def test_every_recipe_and_method_has_a_config():
     tasks = ("cifar10", "cifar100", "vit_cifar100", "albert_mrpc", "wrn40_2_cifar10", "wrn40_2_cifar100", "tinyimagenet")
     expected = {f"{task}_{m}.yaml" for task in tasks for m in METHODS}
-    assert expected | {"tradeoff_cifar10.yaml"} == set(ALL)
+    assert expected | {"tradeoff_cifar10.yaml", "tradeoff_width_cifar10.yaml", "tradeoff_sparsity_cifar10.yaml",
+                       "tradeoff_ensemble_size_cifar100.yaml", "tradeoff_curvature_cifar10.yaml"} == set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -92,7 +93,7 @@ def test_config_parses_with_its_recipe(name):
 @pytest.mark.parametrize("name", CIFAR)
 def test_cifar_configs_are_the_papers(name):
     args, config = _parse(name)
-    cifar100 = name.startswith("cifar100_")
+    cifar100 = name.startswith("cifar100_") or name.endswith("_cifar100.yaml")
     assert args.dataset_name == ("uoft-cs/cifar100" if cifar100 else "uoft-cs/cifar10")
     assert args.label_column == ("fine_label" if cifar100 else "label")
     assert (args.arch, args.model_width) == ("resnet18", 64)
