@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out_dir or os.environ.get("OUT") or None
     payload: dict = {"config": vars(args), "device": str(device), "bf16": bf16, "channels_last": channels_last,
                      "errors": {}, "steps": {}, "scoring": {}, "scoring_transformers": {}, "data_path": {},
+                     "concurrent_members": {},
                      "projection": {}}
 
     def sync() -> None:
@@ -226,6 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
         print("data path images/s:", payload["data_path"])
         C.write_result(name, payload, out_dir)
 
+    # -- small members at the same time: torch.func vmap over stacked members vs the member loop ------------
+    if not args.compile and not over_budget():
+        try:
+            payload["concurrent_members"] = concurrent_members(args, device, C, sync)
+        except Exception as err:
+            payload["errors"]["concurrent_members"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        print("members at the same time:", payload["concurrent_members"])
+        C.write_result(name, payload, out_dir)
+
     # -- projection of the paper's run -----------------------------------------------------------------
     steps = payload["steps"]
     per_epoch = PAPER["rows"] // b  # the paper's 390 steps at b = 128
@@ -303,6 +313,59 @@ def _score_transformer(model, data, args, device, common, sync) -> dict:
     rows["loop_vs_plain"] = rows["plain_samples_per_s"] / rows["loop_samples_per_s"]
     rows["ghost_max_rel_err_vs_loop"] = common.max_rel_err(ghost[: len(loop_rows)], loop)
     return rows
+
+
+def concurrent_members(args, device, common, sync) -> dict:
+    """Forward+backward of m small CNNs, each on its own batch: the member loop vs one vmapped call.
+
+    ``torch.func.stack_module_state`` stacks the members' weights; ``vmap(grad(loss))`` runs the m plain passes
+    as one batched call (BatchNorm with batch statistics only, as vmap needs: ``replace_all_batch_norm_modules_``
+    on copies; the loop side uses the same copies). Returns images/s of both and their ratio, per width.
+    """
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, stack_module_state, vmap
+
+    m, b = args.members, args.batch
+    out: dict = {}
+    for width in (8, 32):
+        torch.manual_seed(0)
+        members = [replace_all_batch_norm_modules_(copy.deepcopy(common.small_cnn(width=width))).to(device)
+                   for _ in range(m)]
+        x = torch.randn(m, b, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (m, b), device=device)
+        params, buffers = stack_module_state(members)
+        base = copy.deepcopy(members[0]).to("meta")
+
+        def loss(p, bu, xi, yi, base=base):
+            return F.cross_entropy(functional_call(base, (p, bu), (xi,)), yi)
+
+        batched = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+
+        def loop(members=members, x=x, y=y):
+            for i, member in enumerate(members):
+                F.cross_entropy(member(x[i]), y[i]).backward()
+                member.zero_grad(set_to_none=True)
+
+        def stacked(params=params, buffers=buffers, x=x, y=y, batched=batched):
+            batched(params, buffers, x, y)
+
+        rates = {}
+        for label, fn in (("loop", loop), ("vmap", stacked)):
+            best = float("inf")
+            for _ in range(3):
+                sync()
+                t = time.perf_counter()
+                for _ in range(args.block):
+                    fn()
+                sync()
+                best = min(best, (time.perf_counter() - t) / args.block)
+            rates[f"{label}_images_per_s"] = m * b / best
+        rates["vmap_over_loop"] = rates["vmap_images_per_s"] / rates["loop_images_per_s"]
+        out[f"cnn_w{width}"] = rates
+    return out
 
 
 def data_path(args, device, common) -> dict:

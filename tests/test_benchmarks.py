@@ -113,6 +113,8 @@ def test_gpu_check_every_section(results):
         for key in ("plain_samples_per_s", "ghost_samples_per_s", "loop_samples_per_s", "ghost_vs_plain"):
             assert finite_pos(row[key])
         assert row["ghost_max_rel_err_vs_loop"] < 1e-3
+    for row in res["concurrent_members"].values():
+        assert finite_pos(row["loop_images_per_s"]) and finite_pos(row["vmap_over_loop"])
     data = res["data_path"]
     assert data["source"] in ("cifar10", "random")
     numbers = [v for v in data.values() if isinstance(v, float)]
