@@ -23,9 +23,9 @@ from sbtrainer import EnsembleModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
-HEADER = "| method | member acc | ensemble acc | EIR | DER | sharpness | OOD acc |"
+HEADER = "| method | member acc | ensemble acc | EIR | DER | sharpness | plain sharpness | OOD acc |"
 METHODS = ("deep_ensemble", "sam", "sharpbalance")
-ROW = re.compile(r"^\| (\w+) \| ([\d.]+)% \| ([\d.]+)% \| (-?[\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|$")
+ROW = re.compile(r"^\| (\w+) \| ([\d.]+)% \| ([\d.]+)% \| (-?[\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|$")
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def test_prints_one_table_with_every_method_and_column(quickstart):
     assert all(rows), lines[at : at + 5]
     assert [r.group(1) for r in rows] == list(METHODS)
     for r in rows:
-        member, ensemble, eir, der, sharpness, ood = map(float, r.groups()[1:])
+        member, ensemble, eir, der, sharpness, plain, ood = map(float, r.groups()[1:])
         assert 80 < member <= 100 and 80 < ensemble <= 100 and 20 < ood <= 100
-        assert -1 < eir < 1 and der > 0 and sharpness > 0
+        assert -1 < eir < 1 and der > 0 and sharpness > 0 and plain > 0
     assert "quickstart: 100%" in proc.stderr  # the progress bar ran to its end
     # its wall time (the third element) is reported in the README, never asserted: speed belongs to benchmarks/
 
@@ -65,6 +65,7 @@ def test_writes_table_json_figures_and_ensembles(quickstart):
         row = table["rows"][method]
         assert f"{100 * row['ensemble acc']:.2f}" == printed[method].group(3)
         assert f"{row['sharpness']:.3f}" == printed[method].group(6)
+        assert f"{row['plain sharpness']:.4f}" == printed[method].group(7)
     assert HEADER in (out / "comparison.md").read_text()
     for name in ("member_vs_ensemble.png", "member_vs_ensemble_ood.png", "sharpness_diversity.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
