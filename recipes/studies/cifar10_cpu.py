@@ -1,6 +1,6 @@
 """Study: deep ensemble vs SAM ensemble vs SharpBalance on real CIFAR-10 at CPU scale (issue 14, items 2 and 4).
 
-    .venv/bin/python recipes/studies/cifar10_cpu.py                       # the main table (hours on 2 cores)
+    .venv/bin/python recipes/studies/cifar10_cpu.py                       # the main table (~1 CPU hour per seed)
     .venv/bin/python recipes/studies/cifar10_cpu.py --phase select        # rho for SAM, then k, on a held-out 10%
     .venv/bin/python recipes/studies/cifar10_cpu.py --tiny --out /tmp/s   # the smoke-test size (about a minute)
 
@@ -47,17 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "outputs" / "studies" / "cifar10_cpu"), help="run folders (ignored)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--eval-rows", type=int, default=2000)
-    p.add_argument("--corrupt-rows", type=int, default=500)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--rows", type=int, default=1000)
+    p.add_argument("--eval-rows", type=int, default=1000)
+    p.add_argument("--corrupt-rows", type=int, default=300)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--k", type=float, default=0.4)
     p.add_argument("--rhos", default="0.02,0.05,0.1,0.2")
     p.add_argument("--ks", default="0.2,0.4,0.6")
-    p.add_argument("--sharpness-batches", type=int, default=30)
+    p.add_argument("--sharpness-batches", type=int, default=20)
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--max-hours", type=float, default=None, help="start no run after this many hours")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes")
