@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", default="0.2,0.4,0.6")
     p.add_argument("--sharpness-batches", type=int, default=20)
     p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=1,
+                   help="torch threads per run (1: reproducible, and no OpenMP spin-waiting beside other jobs)")
     p.add_argument("--max-hours", type=float, default=None, help="start no run after this many hours")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     p.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
@@ -87,7 +89,7 @@ def recipe_argv(args: argparse.Namespace, method: str, rho: float, k: float, see
             "--seed", str(seed), "--member_seeds", str(seed), str(seed + 1), str(seed + 2),
             "--subset_seed", str(args.subset_seed), "--sharpness_batches", str(args.sharpness_batches),
             "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "20", "--disable_tqdm", "true",
-            "--dataloader_num_workers", "0", "--report_to", "none"]
+            "--dataloader_num_workers", "0", "--report_to", "none", "--num_threads", str(args.num_threads)]
     if method != "deep_ensemble":
         argv += ["--rho", str(rho)]
     if method == "sharpbalance":

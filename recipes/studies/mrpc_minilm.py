@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--sharpness-batches", type=int, default=20)
     p.add_argument("--rows", type=int, default=None, help="training pairs (default: all 3,668)")
+    p.add_argument("--num-threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--tiny", action="store_true", help="smoke size: a tiny random ALBERT, 48 pairs, 2 epochs")
     args = p.parse_args(argv)
     if args.tiny:
@@ -61,7 +62,7 @@ def recipe_argv(args: argparse.Namespace, method: str, seed: int, out_dir: Path)
             "--max_seq_length", str(args.max_seq_length), "--seed", str(seed),
             "--member_seeds", str(seed), str(seed + 1), str(seed + 2), "--sharpness_batches", str(args.sharpness_batches),
             "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none",
-            "--dataloader_num_workers", "0"]
+            "--dataloader_num_workers", "0", "--num_threads", str(args.num_threads)]
     if method == "sharpbalance":
         argv += ["--scoring_start_epoch", str(max(1, args.epochs // 2))]
     if args.rows is not None:
