@@ -350,9 +350,11 @@ def test_phase_logs_start_and_end(caplog):
 
 
 PHASES = ["processes: 1, torch threads: 1", "train: 50 of 200 rows", "test: 30 of 100 rows",
+          "corrupt: 12 of 30 rows",  # the corrupted sets are made before training: a bad folder fails at once
           "training 2 members (deep_ensemble)...", "training 2 members (deep_ensemble): done in",
-          "evaluating on the test set...", "corrupt: 12 of 30 rows", "evaluating on the corrupted sets (cifar10c)...",
-          "measuring the sharpness of 2 members", "writing the report and the ensemble to"]
+          "evaluating on the test split and on the training rows (no augmentation)...",
+          "evaluating on the corrupted sets (cifar10c)...", "measuring the sharpness of 2 members",
+          "writing the report and the ensemble to"]
 
 
 def test_python_and_accelerate_launch_agree_at_the_same_thread_count(tmp_path, sorted_dir):
