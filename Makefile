@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Two workers, one test file each at a time (module fixtures stay in one process); the slowest files start first
+# (tests/conftest.py). `$(PY) -m pytest -q tests` runs the same suite in one process.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 quickstart: $(STAMP)
 	$(PY) recipes/quickstart.py
