@@ -66,9 +66,18 @@ class CommonArgs:
         "OMP_NUM_THREADS (1 with 0 processes), python does not (torch then uses every core). Results are "
         "reproducible for a given process count and thread count, not across thread counts.")})
     sharpness_batches: int = field(
-        default=100, metadata={"help": "Adaptive worst-case sharpness: batches of 5 training rows (paper Sec. 4.1: 100)."})
+        default=100, metadata={"help": ("Adaptive worst-case sharpness: batches of 5 training rows (paper Sec. 4.1: "
+                                        "100); 0 skips the measurement.")})
     sharpness_steps: int = field(default=20, metadata={"help": "Ascent steps per sharpness batch (>= 1)."})
     sharpness_rho0: float = field(default=0.5, metadata={"help": "Sharpness neighbourhood gamma (paper App. D.2: 0.5)."})
+    sharpness_plain_rho: float | None = field(default=None, metadata={"help": (
+        "Also measure the NON-adaptive worst-case sharpness at this l2 radius ('plain_sharpness', same batches): what "
+        "plain SAM minimises at its rho (README, 'Is the sharpness measured right?'). Default: not measured.")})
+    sharpness_average_rho0: float | None = field(default=None, metadata={"help": (
+        "Also measure the adaptive average-case sharpness (paper App. E eq. 10: E over eps ~ N(0, rho0^2 diag(T^2)) of "
+        "the loss increase; 'average_sharpness', same batches) at this rho0. Default: not measured.")})
+    sharpness_average_samples: int = field(default=20, metadata={
+        "help": "Noise draws per batch for --sharpness_average_rho0 (>= 1)."})
     hub_repo_id: str | None = field(
         default=None, metadata={"help": "Push the saved ensemble to this Hub repo at the end (needs a write token)."})
 
@@ -203,10 +212,23 @@ def thread_info() -> dict[str, Any]:
 def start_run(args: CommonArgs, config: SharpBalanceConfig) -> dict[str, Any]:
     """Checks and settings every recipe makes before loading data; returns the facts for ``results.json``.
 
-    Refuses a file as ``--output_dir`` and a ``--num_threads`` < 1 (`RecipeError`), applies
-    ``--num_threads``, and logs the process count and the thread settings (`thread_info`).
+    Refuses a file as ``--output_dir``, a ``--num_threads`` < 1 and sharpness settings that cannot work
+    (``--sharpness_batches`` < 0, ``--sharpness_steps`` < 1, ``--sharpness_rho0`` <= 0) with a
+    `RecipeError` before any data is read or any step is taken, applies ``--num_threads``, and logs the
+    process count and the thread settings (`thread_info`).
     """
     check_output_dir(config)
+    for option, value, rule, ok in (
+            ("--sharpness_batches", args.sharpness_batches, ">= 0 (0 skips the measurement)", args.sharpness_batches >= 0),
+            ("--sharpness_steps", args.sharpness_steps, ">= 1", args.sharpness_steps >= 1),
+            ("--sharpness_rho0", args.sharpness_rho0, "> 0", args.sharpness_rho0 > 0),
+            ("--sharpness_plain_rho", args.sharpness_plain_rho, "> 0 (or unset)",
+             args.sharpness_plain_rho is None or args.sharpness_plain_rho > 0),
+            ("--sharpness_average_rho0", args.sharpness_average_rho0, "> 0 (or unset)",
+             args.sharpness_average_rho0 is None or args.sharpness_average_rho0 > 0),
+            ("--sharpness_average_samples", args.sharpness_average_samples, ">= 1", args.sharpness_average_samples >= 1)):
+        if not ok:
+            raise RecipeError(f"{option} must be {rule}; got {value}")
     if args.num_threads is not None:
         if args.num_threads < 1:
             raise RecipeError(f"--num_threads must be >= 1 (or left unset to keep the launcher's); got {args.num_threads}")
@@ -369,15 +391,29 @@ def member_sharpness(ensemble: EnsembleModel, data: Any, args: CommonArgs, disab
 
     The batches are drawn with ``--subset_seed`` (the same batches for every method and member seed);
     a progress bar per member unless ``disable_tqdm`` (pass the config's).
-    Returns ``{"sharpness": mean, "sharpness_member_<i>": value}`` (paper eq. 3, batches of 5, ρ0 = 0.5).
+    Returns ``{"sharpness": mean, "sharpness_member_<i>": value}`` (paper eq. 3, batches of 5, ρ0 = 0.5);
+    with ``--sharpness_plain_rho`` also ``plain_sharpness[_member_<i>]`` (non-adaptive worst case, same
+    ascent steps), with ``--sharpness_average_rho0`` also ``average_sharpness[_member_<i>[_stderr]]``
+    (adaptive average case, eq. 10); all on the same batches. ``{}`` with ``--sharpness_batches 0``.
     """
+    if args.sharpness_batches == 0:
+        logger.info("--sharpness_batches 0: the members' sharpness is not measured")
+        return {}
+    common = {"input_name": ensemble.input_name, "batch_size": 5, "num_batches": args.sharpness_batches,
+              "seed": args.subset_seed, "disable_tqdm": disable_tqdm}
     with phase(f"measuring the sharpness of {ensemble.num_members} members ({args.sharpness_batches} batches of 5, "
                f"{args.sharpness_steps} ascent steps)"):
-        return ensemble_sharpness(
-            ensemble.members, data, kind="worst_case", rho0=args.sharpness_rho0, norm="l2",
-            steps=args.sharpness_steps, adaptive=True, input_name=ensemble.input_name, batch_size=5,
-            num_batches=args.sharpness_batches, seed=args.subset_seed, disable_tqdm=disable_tqdm,
-        )
+        out = ensemble_sharpness(ensemble.members, data, kind="worst_case", rho0=args.sharpness_rho0, norm="l2",
+                                 steps=args.sharpness_steps, adaptive=True, **common)
+        if args.sharpness_plain_rho is not None:
+            plain = ensemble_sharpness(ensemble.members, data, kind="worst_case", rho0=args.sharpness_plain_rho,
+                                       norm="l2", steps=args.sharpness_steps, adaptive=False, **common)
+            out.update({f"plain_{key}": value for key, value in plain.items()})
+        if args.sharpness_average_rho0 is not None:
+            average = ensemble_sharpness(ensemble.members, data, kind="average_case", rho0=args.sharpness_average_rho0,
+                                         num_samples=args.sharpness_average_samples, adaptive=True, **common)
+            out.update({f"average_{key}": value for key, value in average.items()})
+    return out
 
 
 def scoring_summary(trainer: Any) -> dict[str, Any]:

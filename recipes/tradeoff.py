@@ -158,6 +158,9 @@ def check_args(args: TradeoffArgs, config: SharpBalanceConfig) -> None:
     """
     if args.sweep not in SWEEPS:
         raise RecipeError(f"--sweep must be one of {list(SWEEPS)}; got {args.sweep!r}")
+    if args.sharpness_batches < 1:
+        raise RecipeError(f"--sharpness_batches must be >= 1 here (each point's x is the members' sharpness); "
+                          f"got {args.sharpness_batches}")
     if args.sweep in ("width", "sparsity") and not args.rhos:
         raise RecipeError(f"--sweep {args.sweep} trains a SAM rho sweep per level: --rhos must not be empty")
     if args.sweep == "width":

@@ -141,6 +141,54 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_stem_channels(model: nn.Module, channels: int) -> nn.Module:
+    """Give a timm ResNet's single-conv stem ``channels`` output channels (timm fixes it at 64).
+
+    A width-``w`` ResNet (stage widths ``w, 2w, 4w, 8w``, as in the width sweeps of Nakkiran et al.,
+    2020, and the SharpBalance paper's Fig. 5b) has a ``w``-channel stem; timm's plain stem is 64
+    channels whatever the stage widths, which at ``w = 8`` on 32x32 inputs made the stem and the
+    projection shortcut it forces on the first block ~60% of a training step. The stem conv, its norm
+    and the first block's input (its first conv and its shortcut) are rebuilt at ``channels`` with
+    timm's init (Kaiming normal, fan-out; norm weight 1, bias 0); the first block's projection
+    shortcut is dropped where it now maps ``channels`` to ``channels`` at stride 1. A no-op where the
+    stem already has ``channels`` outputs (``w = 64``: the standard ResNet18 is unchanged).
+
+    Raises:
+        ValueError: ``model`` has no ``conv1``/``bn1``/``layer1`` (not a timm ResNet with a plain stem).
+    """
+    conv, norm = getattr(model, "conv1", None), getattr(model, "bn1", None)
+    layer1 = getattr(model, "layer1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(norm, nn.BatchNorm2d) or not layer1:
+        raise ValueError(f"set_stem_channels: expected a timm ResNet with a single-conv stem (conv1, bn1, layer1); "
+                         f"got {type(model).__name__}")
+    if conv.out_channels == channels:
+        return model
+
+    def conv_like(old: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+        new = nn.Conv2d(in_channels, out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        return new
+
+    model.conv1 = conv_like(conv, conv.in_channels, channels)
+    model.bn1 = nn.BatchNorm2d(channels, eps=norm.eps, momentum=norm.momentum)
+    block = layer1[0]
+    block.conv1 = conv_like(block.conv1, channels, block.conv1.out_channels)
+    shortcut = getattr(block, "downsample", None)
+    if shortcut is not None:
+        out_channels = shortcut[0].out_channels
+        stride = shortcut[0].stride if isinstance(shortcut[0], nn.Conv2d) else (1, 1)
+        if out_channels == channels and tuple(stride) == (1, 1):
+            block.downsample = None
+        elif isinstance(shortcut[0], nn.Conv2d):
+            shortcut[0] = conv_like(shortcut[0], channels, out_channels)
+        else:
+            raise ValueError(f"set_stem_channels: first block's shortcut {type(shortcut[0]).__name__} not supported")
+    for info in getattr(model, "feature_info", []) or []:
+        if info.get("module") == "act1":
+            info["num_chs"] = channels
+    return model
+
+
 # ----------------------------------------------------------------------------- what a module is now
 
 
@@ -301,6 +349,7 @@ def cifar_resnet(
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, channels=channels,
                               stem_width=width, **kwargs)
     model = apply_cifar_stem(model) if cifar_stem else model
+    set_stem_channels(model, width)
     recipe = {"arch": arch, "num_classes": num_classes, "width": width, "cifar_stem": cifar_stem, **kwargs}
     return record_build(model, "cifar_resnet", recipe)
 

@@ -200,6 +200,29 @@ def test_missing_dataset_folder_and_bad_subset_sizes(sorted_dir, tmp_path):
         load_cifar(CifarDataArgs(dataset_name=sorted_dir), max_train=0)
 
 
+@pytest.mark.parametrize("field,value,rule", [("sharpness_batches", -1, ">= 0 (0 skips the measurement)"),
+                                              ("sharpness_steps", 0, ">= 1"), ("sharpness_rho0", 0.0, "> 0"),
+                                              ("sharpness_plain_rho", -0.1, "> 0 (or unset)"),
+                                              ("sharpness_average_rho0", 0.0, "> 0 (or unset)"),
+                                              ("sharpness_average_samples", 0, ">= 1")])
+def test_sharpness_settings_are_refused_before_any_work(tmp_path, field, value, rule):
+    """Checked in start_run (before data and training), not when the measurement runs after training."""
+    from sbtrainer import SharpBalanceConfig
+
+    config = SharpBalanceConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    args = recipe_utils.CommonArgs(**{field: value})
+    with pytest.raises(RecipeError) as err:
+        recipe_utils.start_run(args, config)
+    assert str(err.value) == f"--{field} must be {rule}; got {value}"
+
+
+def test_sharpness_batches_zero_skips_the_measurement(caplog):
+    args = recipe_utils.CommonArgs(sharpness_batches=0)
+    with caplog.at_level(logging.INFO, logger="sbtrainer.recipes"):
+        assert recipe_utils.member_sharpness(None, None, args) == {}
+    assert "--sharpness_batches 0: the members' sharpness is not measured" in caplog.text
+
+
 def test_output_dir_that_is_a_file_through_the_recipe(tmp_path, sorted_dir):
     """The whole recipe: one line on stderr, exit status 2, no traceback (transformers' FileExistsError before)."""
     target = tmp_path / "results"
@@ -327,6 +350,31 @@ def test_ensemble_sharpness_bar_and_log(caplog, capsys):
     err = capsys.readouterr().err
     assert "sharpness, member 1/2" in err and "sharpness, member 2/2" in err
     assert loud == quiet  # the bar changes nothing else
+
+
+def test_member_sharpness_plain_and_average_equal_the_direct_measures():
+    """--sharpness_plain_rho / --sharpness_average_rho0: the same numbers as ensemble_sharpness called directly."""
+    from helpers import mlp, vector_data
+
+    from sbtrainer import EnsembleModel
+    from sbtrainer.sharpness import ensemble_sharpness
+
+    ensemble = EnsembleModel.from_factory(lambda s: mlp(), 2, [0, 1])
+    data = vector_data(20)
+    args = recipe_utils.CommonArgs(sharpness_batches=2, sharpness_steps=3, sharpness_plain_rho=0.05,
+                                   sharpness_average_rho0=0.1, sharpness_average_samples=4, subset_seed=7)
+    got = recipe_utils.member_sharpness(ensemble, data, args, disable_tqdm=True)
+    kw = dict(batch_size=5, num_batches=2, seed=7, disable_tqdm=True, input_name=ensemble.input_name)
+    adaptive = ensemble_sharpness(ensemble.members, data, rho0=0.5, steps=3, adaptive=True, **kw)
+    plain = ensemble_sharpness(ensemble.members, data, rho0=0.05, steps=3, adaptive=False, **kw)
+    average = ensemble_sharpness(ensemble.members, data, kind="average_case", rho0=0.1, num_samples=4, adaptive=True,
+                                 **kw)
+    assert got == {**adaptive, **{f"plain_{k}": v for k, v in plain.items()},
+                   **{f"average_{k}": v for k, v in average.items()}}
+    assert got["plain_sharpness"] != got["sharpness"] and "average_sharpness_member_1_stderr" in got
+    unset = recipe_utils.member_sharpness(ensemble, data, recipe_utils.CommonArgs(sharpness_batches=2,
+                                                                                  sharpness_steps=3, subset_seed=7))
+    assert unset == adaptive
 
 
 def test_corrupted_sets_generation_writes_no_bar_when_disabled(capsys):

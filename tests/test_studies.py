@@ -34,14 +34,19 @@ def test_run_names_and_recipe_arguments(tmp_path):
     assert (opt["--rho"], opt["--sam_fraction"], opt["--scoring_start_epoch"]) == ("0.1", "0.4", "15")  # Td = E/2
     assert argv[argv.index("--lr_milestones") + 1: argv.index("--lr_milestones") + 3] == ["15", "22"]
     assert argv[argv.index("--member_seeds") + 1: argv.index("--member_seeds") + 4] == ["3", "4", "5"]
+    assert (opt["--crop_padding"], opt["--channels_last"], opt["--device_augment"]) == ("0", "on", "on")
     held = study.recipe_argv(args, "sam", 0.1, 0.4, 3, tmp_path, heldout=True)
     assert "--validation_fraction" in held and "--sam_fraction" not in held
+    assert study.recipe_argv(study.parse_args(["--tiny"]), "sam", 0.1, 0.4, 0, tmp_path, False)[
+        study.recipe_argv(study.parse_args(["--tiny"]), "sam", 0.1, 0.4, 0, tmp_path, False).index("--channels_last")
+        + 1] == "off"  # width 4: torch's CPU channels_last conv backward crashes
 
 
 @pytest.mark.skipif(not (DATA / "plain_text").is_dir(), reason=f"the real CIFAR-10 copy is absent ({DATA})")
 def test_tiny_run_writes_its_json_and_a_rerun_skips_it(tmp_path):
     study = _driver()
-    argv = ["--tiny", "--methods", "sharpbalance", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    argv = ["--tiny", "--phase", "main", "--k", "0.4", "--methods", "sharpbalance", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "work")]
     payload = study.main(argv)
     path = tmp_path / "out" / "main" / "sharpbalance_rho0.05_k0.4_seed0.json"
     record = json.loads(path.read_text())
@@ -58,6 +63,30 @@ def test_tiny_run_writes_its_json_and_a_rerun_skips_it(tmp_path):
     again = study.main(argv)
     assert path.stat().st_mtime_ns == mtime and again["summary"] == payload["summary"]
     assert (tmp_path / "out" / "main" / "summary.md").read_text().startswith("| run | seeds |")
+
+
+@pytest.mark.skipif(not (DATA / "plain_text").is_dir(), reason=f"the real CIFAR-10 copy is absent ({DATA})")
+def test_tiny_selection_picks_the_best_held_out_rho_then_k_and_reports_the_tradeoff(tmp_path):
+    """--phase select, two runs at once: ρ = argmax of the SAM ensembles' held-out accuracy (ties: the smaller),
+    k likewise among SharpBalance runs at that ρ; each record's CPU time is its own process's."""
+    study = _driver()
+    out = tmp_path / "out"
+    study.main(["--tiny", "--phase", "select", "--jobs", "2", "--out", str(out), "--work", str(tmp_path / "work")])
+    records = [json.loads(f.read_text()) for f in sorted((out / "select").glob("*_seed0.json"))]
+    assert sorted(r["method"] for r in records) == ["deep_ensemble", "sam", "sam", "sharpbalance"]
+    sam = sorted((r for r in records if r["method"] == "sam"), key=lambda r: r["rho"])
+    best = max(r["results"]["eval_ensemble_accuracy"] for r in sam)
+    chosen = json.loads((out / "select" / "selected.json").read_text())
+    assert chosen["rho"] == next(r["rho"] for r in sam if r["results"]["eval_ensemble_accuracy"] == best)
+    assert chosen["k"] == 0.4 and chosen["grid"] == {"rhos": [0.05, 0.1], "ks": [0.4]}
+    assert next(r for r in records if r["method"] == "sharpbalance")["rho"] == chosen["rho"]
+    for r in records:  # one torch thread each: a run's own CPU time is about its wall time, not its neighbour's too
+        assert 0 < r["cpu_s"] < 1.5 * r["wall_s"], (r["cpu_s"], r["wall_s"])
+        assert r["results"]["num_train_rows"] < 48  # 10% held out
+    trade = json.loads((out / "select" / "tradeoff" / "results.json").read_text())
+    assert [p["method"] for p in trade["points"]] == ["deep_ensemble", "sam", "sam", "sharpbalance k=0.4"]
+    assert {p["rho"] for p in trade["points"] if p["method"] == "sam"} == {0.05, 0.1}
+    assert (out / "select" / "tradeoff" / "tradeoff_der.png").is_file()
 
 
 def test_mrpc_recipe_arguments(tmp_path):

@@ -328,3 +328,33 @@ def test_gpu_defaults_decide_and_refuse(tmp_path):
         gpu_defaults(CifarArgs(device_augment="yes"), config, resize=False)
     with pytest.raises(RecipeError, match="--mixed_precision must be one of"):
         gpu_defaults(CifarArgs(mixed_precision="fp8"), config, resize=False)
+    # --channels_last: opt-in on a CPU; refused below width 8 there (torch's CPU conv backward crashes)
+    assert gpu_defaults(CifarArgs(channels_last="on", model_width=8), config, resize=False)["channels_last"] is True
+    assert gpu_defaults(CifarArgs(channels_last="off"), config, resize=False)["channels_last"] is False
+    with pytest.raises(RecipeError, match=r"^--channels_last on with --model_width 4 on a CPU: .* use --channels_last off"):
+        gpu_defaults(CifarArgs(channels_last="on", model_width=4), config, resize=False)
+    with pytest.raises(RecipeError, match=r"--channels_last must be one of \('auto', 'on', 'off'\); got 'yes'"):
+        gpu_defaults(CifarArgs(channels_last="yes"), config, resize=False)
+
+
+def test_channels_last_members_train_like_contiguous_ones(tmp_path):
+    """Two steps of a width-8 member from the same init, NCHW vs channels_last (CPU): equal up to float rounding."""
+    from helpers import DictDataset, make_args
+
+    from sbtrainer import EnsembleModel, SharpBalanceTrainer
+    from sbtrainer.models import cifar_resnet
+
+    g = torch.Generator().manual_seed(0)
+    data = DictDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    weights = []
+    for channels_last in (False, True):
+        args = make_args(tmp_path / str(channels_last), num_members=1, member_seeds=[3], max_steps=2,
+                         ensemble_method="sam", rho=0.05, per_device_train_batch_size=8, learning_rate=0.1)
+        ensemble = EnsembleModel.from_factory(lambda s: cifar_resnet(width=8), 1, [3])
+        if channels_last:
+            ensemble.to(memory_format=torch.channels_last)
+        SharpBalanceTrainer(model=ensemble, args=args, train_dataset=data).train()
+        weights.append([p.detach().contiguous() for p in ensemble.members[0].parameters()])
+    assert ensemble.members[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

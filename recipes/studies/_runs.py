@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_recorded(script: str, argv: Sequence[str], out_dir: Path, record_path: Path, meta: dict) -> dict:
-    """``python recipes/<script> argv`` (writing into ``out_dir``) unless ``record_path`` exists; its record.
+    """``python recipes/<script> argv`` (writing into ``out_dir``, its output in ``out_dir/run.log``) unless
+    ``record_path`` exists; its record, with the run's wall seconds and its own CPU seconds (user + system).
 
     Raises:
         RuntimeError: the recipe failed (its last stderr lines).
@@ -28,16 +28,21 @@ def run_recorded(script: str, argv: Sequence[str], out_dir: Path, record_path: P
     if record_path.is_file():
         return json.loads(record_path.read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "run.log"
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / script), *argv], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+        # this child's own CPU time (RUSAGE_CHILDREN would also count runs of other lanes finishing meanwhile)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise RuntimeError(f"{record_path.stem} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"{record_path.stem} failed ({proc.returncode}; log {log}):\n{tail}")
     record = {**meta, "wall_s": wall,
-              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+              "cpu_s": usage.ru_utime + usage.ru_stime,
               "results": json.loads((out_dir / "results.json").read_text())}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
