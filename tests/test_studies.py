@@ -63,6 +63,11 @@ def test_tiny_run_writes_its_json_and_a_rerun_skips_it(tmp_path):
     again = study.main(argv)
     assert path.stat().st_mtime_ns == mtime and again["summary"] == payload["summary"]
     assert (tmp_path / "out" / "main" / "summary.md").read_text().startswith("| run | seeds |")
+    tables = (tmp_path / "out" / "main" / "tables.md").read_text()  # the README's tables, from the same JSON
+    row = next(line for line in tables.splitlines() if line.startswith("| sharpbalance_rho0.05_k0.4 | 1 | "))
+    assert row.split(" | ")[2] == f"{100 * res['eval_ensemble_accuracy']:.1f} ± 0.0"
+    assert "CIFAR-10-C (15 corruptions x 5 severities)" in tables and "plain worst case" in tables
+    assert {"plain_sharpness", "average_sharpness"} <= set(res)
 
 
 @pytest.mark.skipif(not (DATA / "plain_text").is_dir(), reason=f"the real CIFAR-10 copy is absent ({DATA})")

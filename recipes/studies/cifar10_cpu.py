@@ -55,9 +55,23 @@ METHODS = ("deep_ensemble", "sam", "sharpbalance")
 KEYS = ("eval_ensemble_accuracy", "eval_member_accuracy", "eval_eir", "eval_der", "eval_variance", "eval_kl",
         "eval_ensemble_nll", "eval_ensemble_ece", "cifar10c_all_ensemble_accuracy", "cifar10c_all_member_accuracy",
         "cifar10c_all_eir", "cifar10c_all_der", "cifar10c_all_ensemble_nll", "cifar10c_all_ensemble_ece",
-        "train_ensemble_accuracy", "train_member_accuracy", "train_ensemble_nll", "sharpness", "plain_sharpness",
-        "average_sharpness")
-SUMMARIES = ("summary.json", "selected.json")
+        "cifar10c_all_variance", "cifar10c_all_kl", "train_ensemble_accuracy", "train_member_accuracy",
+        "train_ensemble_nll", "sharpness", "plain_sharpness", "average_sharpness")
+TABLES = {  # the README's tables: (title, [(column, key, percent?)])
+    "in distribution": [("ensemble acc", "eval_ensemble_accuracy", True), ("member acc", "eval_member_accuracy", True),
+                        ("EIR", "eval_eir", False), ("DER", "eval_der", False), ("variance", "eval_variance", False),
+                        ("KL", "eval_kl", False), ("NLL", "eval_ensemble_nll", False),
+                        ("ECE", "eval_ensemble_ece", False), ("train acc (members)", "train_member_accuracy", True)],
+    "CIFAR-10-C (15 corruptions x 5 severities)": [
+        ("ensemble acc", "cifar10c_all_ensemble_accuracy", True), ("member acc", "cifar10c_all_member_accuracy", True),
+        ("EIR", "cifar10c_all_eir", False), ("DER", "cifar10c_all_der", False),
+        ("variance", "cifar10c_all_variance", False), ("KL", "cifar10c_all_kl", False),
+        ("NLL", "cifar10c_all_ensemble_nll", False), ("ECE", "cifar10c_all_ensemble_ece", False)],
+    "members' sharpness (training batches)": [
+        ("adaptive worst case (paper)", "sharpness", False), ("plain worst case", "plain_sharpness", False),
+        ("adaptive average case", "average_sharpness", False)],
+}
+SUMMARIES = ("summary.json", "selected.json", "tables.md")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,7 +177,35 @@ def write_summary(args: argparse.Namespace, phase: str) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in records_on_disk(args, phase):
         groups.setdefault(run_name(r["method"], r["rho"] or 0, r["k"] or 0), []).append(r)
-    return _runs.write_summary(Path(args.out) / phase, phase, groups, KEYS)
+    payload = _runs.write_summary(Path(args.out) / phase, phase, groups, KEYS)
+    write_tables(args, phase, payload)
+    return payload
+
+
+def write_tables(args: argparse.Namespace, phase: str, payload: dict) -> str:
+    """``<phase>/tables.md``: the README's tables from ``payload`` (mean ± half-range over seeds); returns the text."""
+    setting = next(iter(records_on_disk(args, phase)), {}).get("setting", {})
+    text = [f"Setting: {json.dumps(setting)}; {payload['runs']} runs, {payload['cpu_hours']:.2f} CPU hours.\n"]
+    for title, columns in TABLES.items():
+        cols = [c for c in columns if any(c[1] in row for row in payload["summary"].values())]
+        if not cols:
+            continue
+        text += [f"\n{title}:\n", "| run | seeds | " + " | ".join(c[0] for c in cols) + " |",
+                 "|---|---:|" + "---:|" * len(cols)]
+        for name, row in payload["summary"].items():
+            cells = []
+            for _, key, percent in cols:
+                stat = row.get(key)
+                if stat is None:
+                    cells.append("–")
+                elif percent:
+                    cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['half_range']:.1f}")
+                else:
+                    cells.append(f"{stat['mean']:.3f} ± {stat['half_range']:.3f}")
+            text.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    out = "\n".join(text) + "\n"
+    (Path(args.out) / phase / "tables.md").write_text(out)
+    return out
 
 
 def select(args: argparse.Namespace, records: list[dict]) -> dict:
