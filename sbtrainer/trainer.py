@@ -293,6 +293,7 @@ class SharpBalanceTrainer(Trainer):
         Afterwards every process holds the whole trained ensemble (members mode included).
         """
         self._check_schedule()
+        self._warn_small_last_batch()
         output = super().train(*args, **kwargs)
         self._synchronize()
         if self.member_averages is not None:
@@ -331,6 +332,55 @@ class SharpBalanceTrainer(Trainer):
         """`Trainer.save_model` (call it on every process), the ensemble synchronised first."""
         self._synchronize()
         super().save_model(output_dir, _internal_call)
+
+    def _warn_small_last_batch(self) -> None:
+        """Warn when each epoch ends on a sub-batch of under a quarter of the batch and members have BatchNorm.
+
+        Such a batch normalises with the statistics of a handful of rows, every epoch. Measured on real
+        CIFAR-10 (900 rows, batch 64, so a 4-row last batch; width-8 ResNet18, SGD 0.1, 40 epochs, SAM
+        ρ 0.01, one seed): training accuracy 76.9% against 97.2% with ``dataloader_drop_last=True``
+        (recipes/studies/cifar10_cpu.py, README "Results at small scale").
+        """
+        args = self.args
+        try:
+            rows = len(self.train_dataset)
+        except TypeError:
+            return
+        batch = args.per_device_train_batch_size
+        last = rows % batch
+        norms = (nn.modules.batchnorm._BatchNorm,)
+        if args.dataloader_drop_last or not 0 < last < batch / 4 or not any(
+                isinstance(m, norms) for m in self.ensemble.members[0].modules()):
+            return
+        logger.warning(
+            "Each epoch ends on a batch of %d of %d rows (%d training rows) and the members have BatchNorm: that "
+            "batch is normalised with the statistics of %d rows every epoch, which can slow fitting badly (measured: "
+            "76.9%% vs 97.2%% training accuracy, sbtrainer.trainer._warn_small_last_batch). Set "
+            "dataloader_drop_last=True or change the batch size or the row count.", last, batch, rows, last)
+
+    @contextlib.contextmanager
+    def _every_row(self) -> Iterator[None]:
+        """``dataloader_drop_last`` off while an evaluation or prediction loader is built (HF drops eval rows too)."""
+        drop = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last = drop
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """`Trainer.get_eval_dataloader`, keeping every row: ``dataloader_drop_last`` applies to training only.
+
+        transformers applies it to evaluation as well, which would leave the last ``N mod B`` rows out of
+        every ensemble metric (and all of them when ``N < B``).
+        """
+        with self._every_row():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """`Trainer.get_test_dataloader` (``predict``), keeping every row (see `get_eval_dataloader`)."""
+        with self._every_row():
+            return super().get_test_dataloader(test_dataset)
 
     def _check_schedule(self) -> None:
         """Refuse a SharpBalance run that would end before its first scoring (a SAM run under another name).

@@ -6,8 +6,10 @@ gradient quantities read while loss-scaled; configs that silently disable the me
 a transform's columns dropped by the Trainer.
 """
 
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,3 +354,49 @@ def test_sam_step_leaves_every_buffer_as_the_pass_at_theta_leaves_it(tmp_path, m
         reference(data.x[perm[~mask]])
     for (name, got), want in zip(trainer.ensemble.members[0].named_buffers(), reference.buffers(), strict=True):
         assert torch.equal(got, want), name
+
+
+# ----------------------------------------------------------------------------- dataloader_drop_last
+
+
+def test_drop_last_drops_training_rows_only_evaluation_and_prediction_keep_every_row(tmp_path):
+    """transformers applies dataloader_drop_last to evaluation too: 10 rows at eval batch 4 would score 8 (or,
+    with 3 rows, none and no metric at all). Ours: the same metrics and predictions as without it."""
+    from helpers import image_data, small_cnn
+
+    train, held = image_data(12, seed=0), image_data(10, seed=1)
+    out = {}
+    for drop in (False, True):
+        args = make_args(tmp_path / str(drop), num_members=2, member_seeds=[0, 1], max_steps=2,
+                         per_device_eval_batch_size=4, dataloader_drop_last=drop, ensemble_method="deep_ensemble")
+        trainer = make_trainer(args, small_cnn, train)
+        trainer.train()
+        assert args.dataloader_drop_last is drop  # restored after building the loaders
+        out[drop] = (trainer.evaluate(held), trainer.predict(held), trainer.evaluate(image_data(3, seed=2)))
+    metrics = {k: v for k, v in out[True][0].items() if "runtime" not in k and "per_second" not in k}
+    assert metrics == {k: v for k, v in out[False][0].items() if k in metrics} and "eval_ensemble_accuracy" in metrics
+    assert out[True][1].label_ids.shape == (10,)
+    for got, want in zip(out[True][1].predictions, out[False][1].predictions, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert out[True][2]["eval_ensemble_accuracy"] == out[False][2]["eval_ensemble_accuracy"]
+
+
+@pytest.mark.parametrize("rows,batch,drop,norm,warned", [
+    (17, 8, False, True, True),     # last batch 1 < 8/4, BatchNorm: warned
+    (17, 8, True, True, False),     # dropped
+    (18, 8, False, True, False),    # last batch 2 = 8/4: not under a quarter
+    (17, 8, False, False, False),   # no BatchNorm
+])
+def test_small_last_batch_with_batchnorm_is_warned(tmp_path, caplog, rows, batch, drop, norm, warned):
+    from helpers import image_data, small_cnn
+
+    data = image_data(rows, shape=(3, 8, 8)) if norm else vector_data(rows)
+    args = make_args(tmp_path, num_members=1, member_seeds=[0], max_steps=1, per_device_train_batch_size=batch,
+                     dataloader_drop_last=drop, ensemble_method="deep_ensemble")
+    trainer = make_trainer(args, small_cnn if norm else mlp, data)
+    with caplog.at_level(logging.WARNING, logger="sbtrainer"):
+        trainer.train()
+    hits = [r.getMessage() for r in caplog.records if "Each epoch ends on a batch of" in r.getMessage()]
+    assert bool(hits) is warned
+    if warned:
+        assert hits[0].startswith(f"Each epoch ends on a batch of {rows % batch} of {batch} rows ({rows} training rows)")
