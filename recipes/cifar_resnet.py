@@ -163,8 +163,8 @@ def gpu_defaults(args: CifarArgs, config: Any, resize: bool) -> dict[str, Any]:
                           "resize: drop --image_size or use --device_augment off")
     device_augment = args.device_augment == "on" or (args.device_augment == "auto" and gpu and not resize)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and bool(config.bf16) and gpu)
-    if channels_last and not gpu and args.arch == "resnet18" and args.model_width < 8:
-        # measured with torch 2.14.1 on CPU: the backward of a channels_last ResNet18 of width 2 or 4 at batch > 1
+    if channels_last and not gpu and not WRN_ARCH.fullmatch(args.arch) and args.model_width < 8:
+        # measured with torch 2.14.1 on CPU: the backward of a channels_last ResNet of width 2 or 4 at batch > 1
         # crashes the process (segmentation fault); width >= 8 runs (batches 1 to 64 tried)
         raise RecipeError(f"--channels_last on with --model_width {args.model_width} on a CPU: a channels_last "
                           "conv backward at fewer than 8 channels crashes torch's CPU kernels here; use "

@@ -174,15 +174,16 @@ def set_stem_channels(model: nn.Module, channels: int) -> nn.Module:
     block = layer1[0]
     block.conv1 = conv_like(block.conv1, channels, block.conv1.out_channels)
     shortcut = getattr(block, "downsample", None)
-    if shortcut is not None:
-        out_channels = shortcut[0].out_channels
-        stride = shortcut[0].stride if isinstance(shortcut[0], nn.Conv2d) else (1, 1)
-        if out_channels == channels and tuple(stride) == (1, 1):
+    if shortcut is not None:  # [conv, norm] or, with timm's avg_down, [pool or Identity, conv, norm]
+        at = next((i for i, m in enumerate(shortcut) if isinstance(m, nn.Conv2d)), None)
+        if at is None:
+            raise ValueError(f"set_stem_channels: the first block's shortcut has no conv to rebuild: {shortcut}")
+        old = shortcut[at]
+        if (old.out_channels == channels and tuple(old.stride) == (1, 1)
+                and all(isinstance(m, (nn.Identity, nn.Conv2d, nn.BatchNorm2d)) for m in shortcut)):
             block.downsample = None
-        elif isinstance(shortcut[0], nn.Conv2d):
-            shortcut[0] = conv_like(shortcut[0], channels, out_channels)
         else:
-            raise ValueError(f"set_stem_channels: first block's shortcut {type(shortcut[0]).__name__} not supported")
+            shortcut[at] = conv_like(old, channels, old.out_channels)
     for info in getattr(model, "feature_info", []) or []:
         if info.get("module") == "act1":
             info["num_chs"] = channels

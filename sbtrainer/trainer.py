@@ -277,10 +277,7 @@ class SharpBalanceTrainer(Trainer):
         args = self.args
         if args.ensemble_method != "sharpbalance" or args.residual != "none" or args.sam_fraction == 0:
             return
-        try:
-            rows = len(self.train_dataset) if self.train_dataset is not None else None
-        except TypeError:
-            return
+        rows = self._train_rows()
         if rows is not None and math.floor(args.sam_fraction * rows) == 0:
             raise ValueError(
                 f"SharpBalanceConfig.sam_fraction={args.sam_fraction} selects floor(k N) = 0 of the {rows} training rows: "
@@ -333,6 +330,13 @@ class SharpBalanceTrainer(Trainer):
         self._synchronize()
         super().save_model(output_dir, _internal_call)
 
+    def _train_rows(self) -> int | None:
+        """Rows of the training dataset, or None without one or when it has no length (an iterable dataset)."""
+        try:
+            return None if self.train_dataset is None else len(self.train_dataset)
+        except TypeError:
+            return None
+
     def _warn_small_last_batch(self) -> None:
         """Warn when each epoch ends on a sub-batch of under a quarter of the batch and members have BatchNorm.
 
@@ -341,16 +345,11 @@ class SharpBalanceTrainer(Trainer):
         ρ 0.01, one seed): training accuracy 76.9% against 97.2% with ``dataloader_drop_last=True``
         (recipes/studies/cifar10_cpu.py, README "Results at small scale").
         """
-        args = self.args
-        try:
-            rows = len(self.train_dataset)
-        except TypeError:
-            return
+        args, rows = self.args, self._train_rows()
         batch = args.per_device_train_batch_size
-        last = rows % batch
-        norms = (nn.modules.batchnorm._BatchNorm,)
+        last = 0 if rows is None else rows % batch
         if args.dataloader_drop_last or not 0 < last < batch / 4 or not any(
-                isinstance(m, norms) for m in self.ensemble.members[0].modules()):
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.ensemble.members[0].modules()):
             return
         logger.warning(
             "Each epoch ends on a batch of %d of %d rows (%d training rows) and the members have BatchNorm: that "
@@ -389,12 +388,8 @@ class SharpBalanceTrainer(Trainer):
         legitimate; the steps per epoch are ``ceil(ceil(N / B) / W / accumulation)``.
         """
         args = self.args
-        if (args.ensemble_method != "sharpbalance" or self.train_dataset is None or args.max_steps <= 0
-                or self._masks_by_hand):
-            return
-        try:
-            rows = len(self.train_dataset)
-        except TypeError:
+        rows = self._train_rows()
+        if args.ensemble_method != "sharpbalance" or rows is None or args.max_steps <= 0 or self._masks_by_hand:
             return
         batches = rows // args.per_device_train_batch_size if args.dataloader_drop_last else math.ceil(
             rows / args.per_device_train_batch_size)

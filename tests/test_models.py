@@ -53,6 +53,15 @@ def test_bottleneck_first_block_keeps_a_rebuilt_projection():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_avg_down_shortcut_is_handled():
+    """timm's avg_down shortcut is [Identity or AvgPool, conv, norm]: ResNet18 w8 drops it, ResNet50 w8 rebuilds its conv."""
+    assert cifar_resnet(width=8, avg_down=True).layer1[0].downsample is None
+    model = cifar_resnet("resnet50", width=8, avg_down=True)
+    conv = next(m for m in model.layer1[0].downsample if isinstance(m, nn.Conv2d))
+    assert (conv.in_channels, conv.out_channels) == (8, 32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_rebuilt_stem_layers_follow_timms_init():
     """Kaiming normal (fan-out, ReLU gain) for the new convs, BN weight 1 and bias 0."""
     torch.manual_seed(0)

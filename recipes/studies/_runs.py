@@ -62,13 +62,21 @@ def summarize(groups: dict[str, list[dict]], keys: Sequence[str]) -> dict:
     return out
 
 
-def markdown(summary: dict, keys: Sequence[str]) -> str:
-    """A Markdown table: one row per group, ``mean ± half-range`` over its seeds per key."""
-    cols = [k for k in keys if any(k in row for row in summary.values())]
-    lines = ["| run | seeds | " + " | ".join(c.replace("eval_", "").replace("_all", "") for c in cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]
+def markdown(summary: dict, columns: Sequence[tuple[str, str, bool]], digits: int = 4) -> str:
+    """A Markdown table: one row per group, ``mean ± half-range`` over its seeds per ``(title, key, percent)``
+    column present in some group (percent: ×100 with one decimal; else ``digits`` decimals; ``–`` where absent)."""
+    cols = [c for c in columns if any(c[1] in row for row in summary.values())]
+    lines = ["| run | seeds | " + " | ".join(title for title, _, _ in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for name, row in summary.items():
-        cells = [f"{row[c]['mean']:.4f} ± {row[c]['half_range']:.4f}" if c in row else "" for c in cols]
+        cells = []
+        for _, key, percent in cols:
+            stat = row.get(key)
+            if stat is None:
+                cells.append("–")
+            elif percent:
+                cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['half_range']:.1f}")
+            else:
+                cells.append(f"{stat['mean']:.{digits}f} ± {stat['half_range']:.{digits}f}")
         lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -81,5 +89,6 @@ def write_summary(folder: Path, phase: str, groups: dict[str, list[dict]], keys:
     payload = {"phase": phase, "runs": len(records), "cpu_hours": sum(r["cpu_s"] for r in records) / 3600,
                "wall_hours": sum(r["wall_s"] for r in records) / 3600, "summary": summary}
     (folder / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (folder / "summary.md").write_text(markdown(summary, keys))
+    columns = [(key.replace("eval_", "").replace("_all", ""), key, False) for key in keys]
+    (folder / "summary.md").write_text(markdown(summary, columns))
     return payload

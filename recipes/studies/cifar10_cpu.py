@@ -71,7 +71,7 @@ TABLES = {  # the README's tables: (title, [(column, key, percent?)])
         ("adaptive worst case (paper)", "sharpness", False), ("plain worst case", "plain_sharpness", False),
         ("adaptive average case", "average_sharpness", False)],
 }
-SUMMARIES = ("summary.json", "selected.json", "tables.md")
+SUMMARIES = ("summary.json", "selected.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,39 +173,20 @@ def records_on_disk(args: argparse.Namespace, phase: str) -> list[dict]:
 
 
 def write_summary(args: argparse.Namespace, phase: str) -> dict:
-    """``summary.json``/``summary.md`` of ``phase`` from every record on disk, grouped by run name without seed."""
+    """``summary.json``/``summary.md`` and the README's ``tables.md`` of ``phase`` from every record on disk,
+    grouped by run name without seed."""
+    records = records_on_disk(args, phase)
     groups: dict[str, list[dict]] = {}
-    for r in records_on_disk(args, phase):
+    for r in records:
         groups.setdefault(run_name(r["method"], r["rho"] or 0, r["k"] or 0), []).append(r)
     payload = _runs.write_summary(Path(args.out) / phase, phase, groups, KEYS)
-    write_tables(args, phase, payload)
-    return payload
-
-
-def write_tables(args: argparse.Namespace, phase: str, payload: dict) -> str:
-    """``<phase>/tables.md``: the README's tables from ``payload`` (mean ± half-range over seeds); returns the text."""
-    setting = next(iter(records_on_disk(args, phase)), {}).get("setting", {})
+    setting = records[0]["setting"] if records else {}
     text = [f"Setting: {json.dumps(setting)}; {payload['runs']} runs, {payload['cpu_hours']:.2f} CPU hours.\n"]
-    for title, columns in TABLES.items():
-        cols = [c for c in columns if any(c[1] in row for row in payload["summary"].values())]
-        if not cols:
-            continue
-        text += [f"\n{title}:\n", "| run | seeds | " + " | ".join(c[0] for c in cols) + " |",
-                 "|---|---:|" + "---:|" * len(cols)]
-        for name, row in payload["summary"].items():
-            cells = []
-            for _, key, percent in cols:
-                stat = row.get(key)
-                if stat is None:
-                    cells.append("–")
-                elif percent:
-                    cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['half_range']:.1f}")
-                else:
-                    cells.append(f"{stat['mean']:.3f} ± {stat['half_range']:.3f}")
-            text.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    out = "\n".join(text) + "\n"
-    (Path(args.out) / phase / "tables.md").write_text(out)
-    return out
+    for title, columns in TABLES.items():  # mean ± half-range over seeds
+        if any(key in row for _, key, _ in columns for row in payload["summary"].values()):
+            text += [f"\n{title}:\n", _runs.markdown(payload["summary"], columns, digits=3)]
+    (Path(args.out) / phase / "tables.md").write_text("\n".join(text))
+    return payload
 
 
 def select(args: argparse.Namespace, records: list[dict]) -> dict:
