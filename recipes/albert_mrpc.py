@@ -40,7 +40,14 @@ from recipe_utils import (
     start_run,
     write_report,
 )
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+    set_seed,
+)
 
 from sbtrainer import EnsembleModel, SharpBalanceTrainer
 from sbtrainer.ensemble import reduce_member_logits
@@ -58,7 +65,10 @@ class MrpcArgs(CommonArgs):
     dataset_name: str = field(default="nyu-mll/glue", metadata={
         "help": "Hub id (nyu-mll/glue) or a local folder laid out like its 'mrpc' configuration."})
     dataset_config_name: str | None = field(default="mrpc", metadata={"help": "Configuration (ignored for a folder)."})
-    max_seq_length: int = field(default=128, metadata={"help": "Pairs are truncated and padded to this length."})
+    max_seq_length: int = field(default=128, metadata={"help": "Pairs are truncated to this many tokens."})
+    pad_to_max_length: bool = field(default=False, metadata={
+        "help": "Pad every pair to max_seq_length (fixed shapes, e.g. for torch_compile); by default each batch is "
+                "padded to its longest pair (DataCollatorWithPadding), the same logits at a fraction of the cost."})
     tiny: bool = field(default=False, metadata={
         "help": "Tests/offline: a tiny random ALBERT and a word-level tokenizer built from the training text."})
     model_config_overrides: str | None = field(default=None, metadata={
@@ -148,15 +158,24 @@ def tokenizer_and_factory(args: MrpcArgs, train: datasets.Dataset):
                                                                                        config=config)
 
 
-def tokenize(raw: datasets.DatasetDict, tokenizer, max_len: int) -> datasets.DatasetDict:
-    """Sentence pairs -> input_ids, attention_mask, token_type_ids (padded to ``max_len``) and labels."""
+def tokenize(raw: datasets.DatasetDict, tokenizer, max_len: int, pad_to_max_length: bool) -> datasets.DatasetDict:
+    """Sentence pairs -> input_ids, attention_mask, token_type_ids (truncated to ``max_len`` tokens; padded to
+    it if ``pad_to_max_length``, else left unpadded for `collator`) and labels."""
 
     def encode(batch: dict) -> dict:
         enc = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_len,
-                        padding="max_length")
+                        padding="max_length" if pad_to_max_length else False)
         return {**enc, "labels": batch["label"]}
 
     return raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
+
+
+def collator(tokenizer, pad_to_max_length: bool):
+    """``default_data_collator`` for rows padded at tokenization, else ``DataCollatorWithPadding`` (each batch
+    padded to its longest pair; the attention mask hides the padding, so logits and gradients are unchanged)."""
+    if pad_to_max_length:
+        return default_data_collator
+    return DataCollatorWithPadding(tokenizer)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -215,7 +234,8 @@ def main() -> dict[str, Any]:
     raw, subsets = load_mrpc(args)
     with phase("building the tokenizer and tokenizing"):
         tokenizer, factory = tokenizer_and_factory(args, raw["train"])
-        data = tokenize(raw, tokenizer, args.max_seq_length)
+        data = tokenize(raw, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        data_collator = collator(tokenizer, args.pad_to_max_length)
 
     ensemble = EnsembleModel.from_factory(factory, config.num_members, config.member_seeds,
                                           reduction=config.ensemble_reduction, input_name="input_ids")
@@ -223,7 +243,7 @@ def main() -> dict[str, Any]:
     glue_compute, source = glue_metric()
     logger.info("MRPC accuracy/F1 computed with %s", "evaluate.load('glue', 'mrpc')" if source == "evaluate" else "sklearn")
     trainer = SharpBalanceTrainer(model=ensemble, args=config, train_dataset=data["train"],
-                                  eval_dataset=data["validation"],
+                                  eval_dataset=data["validation"], data_collator=data_collator,
                                   compute_metrics=compute_metrics_with_glue(config.ensemble_reduction, glue_compute))
     results: dict[str, Any] = {"method": config.ensemble_method, "dataset": args.dataset_name,
                                "model": "tiny-albert" if args.tiny else args.model_name_or_path,
@@ -235,7 +255,8 @@ def main() -> dict[str, Any]:
         results.update(trainer.evaluate())
 
     if trainer.is_world_process_zero():
-        results.update(member_sharpness(trainer.ensemble, data["train"], args, disable_tqdm=config.disable_tqdm))
+        results.update(member_sharpness(trainer.ensemble, data["train"], args, disable_tqdm=config.disable_tqdm,
+                                        collate_fn=data_collator))
         with phase(f"writing the report and the ensemble to {config.output_dir}"):
             write_report(results, config.output_dir, config.ensemble_method)
             metrics = {**headline(results, ["eval"]), "eval_glue_accuracy": results["eval_glue_accuracy"],

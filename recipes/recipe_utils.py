@@ -386,10 +386,13 @@ def paper_sgd(
 # ----------------------------------------------------------------------------- measurements
 
 
-def member_sharpness(ensemble: EnsembleModel, data: Any, args: CommonArgs, disable_tqdm: bool = False) -> dict[str, float]:
+def member_sharpness(ensemble: EnsembleModel, data: Any, args: CommonArgs, disable_tqdm: bool = False,
+                     collate_fn: Any = None) -> dict[str, float]:
     """Adaptive worst-case (ℓ2) sharpness of every member on ``data`` (eval view of the training set).
 
-    The batches are drawn with ``--subset_seed`` (the same batches for every method and member seed);
+    The batches are drawn with ``--subset_seed`` (the same batches for every method and member seed) and
+    batched by ``collate_fn`` (default ``transformers.default_data_collator``; e.g. the trainer's
+    ``DataCollatorWithPadding`` for unpadded token ids);
     a progress bar per member unless ``disable_tqdm`` (pass the config's).
     Returns ``{"sharpness": mean, "sharpness_member_<i>": value}`` (paper eq. 3, batches of 5, ρ0 = 0.5);
     with ``--sharpness_plain_rho`` also ``plain_sharpness[_member_<i>]`` (non-adaptive worst case, same
@@ -400,7 +403,7 @@ def member_sharpness(ensemble: EnsembleModel, data: Any, args: CommonArgs, disab
         logger.info("--sharpness_batches 0: the members' sharpness is not measured")
         return {}
     common = {"input_name": ensemble.input_name, "batch_size": 5, "num_batches": args.sharpness_batches,
-              "seed": args.subset_seed, "disable_tqdm": disable_tqdm}
+              "seed": args.subset_seed, "collate_fn": collate_fn, "disable_tqdm": disable_tqdm}
     with phase(f"measuring the sharpness of {ensemble.num_members} members ({args.sharpness_batches} batches of 5, "
                f"{args.sharpness_steps} ascent steps)"):
         out = ensemble_sharpness(ensemble.members, data, kind="worst_case", rho0=args.sharpness_rho0, norm="l2",

