@@ -15,7 +15,7 @@ study seed ``s``), trained on ``--rows`` pairs drawn at random from ``../shared/
 pairs): GLUE accuracy and F1 of the ensemble, the members' mean F1, sbtrainer's ensemble metrics and the
 members' adaptive worst-case sharpness (``--sharpness-batches`` batches of 5 training pairs).
 
-Cost (measured, one core per run): a 3-member step at 16 pairs takes about 5 s plain and 10 s with SAM, so the
+Cost (measured, one core per run): a 3-member step at 16 pairs takes about 6 s plain and 10 s with SAM, so the
 default (1,000 pairs, 3 epochs, 2 seeds, ``--jobs 2`` lanes of one thread) is ~1.5 h of wall time; the full
 split is 3.7x that. One JSON per (method, seed) in ``--out``; a rerun skips finished runs;
 ``summary.json``/``summary.md`` hold mean ± half-range over seeds and the CPU hours.
@@ -89,9 +89,7 @@ def recipe_argv(args: argparse.Namespace, method: str, seed: int, out_dir: Path)
     if args.rows:
         argv += ["--max_train_samples", str(args.rows)]
     if args.tiny:
-        argv += ["--max_eval_samples", "24"]
-    if args.tiny:
-        argv += ["--tiny", "true"]
+        argv += ["--max_eval_samples", "24", "--tiny", "true"]
     else:
         folder = minilm_folder()
         if folder is None:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"GLUE MRPC not found at {DATA} (set SBTRAINER_MRPC): this study needs the real pairs")
     start = time.perf_counter()
     jobs = [(m, int(s)) for s in args.seeds.split(",") for m in args.methods.split(",")]
-    # one lane per seed when --jobs equals the seeds: each lane runs its methods in order
+    # by method, then seed: with --jobs 2 and two seeds, both deep ensembles run first, then SAM, then SharpBalance
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, args, *job) for job in sorted(jobs, key=lambda j: (METHODS.index(j[0]), j[1]))]
         for f in futures:
